@@ -1,0 +1,1 @@
+"""tpicore: tensor-parallel Llama inference in NumPy."""

@@ -1,0 +1,255 @@
+"""One device's share of the forward pass: weight sources, KV caches, timing, and the block loop.
+
+Owns the per-device runtime state (caches, counters) and the order in which blocks run:
+Pre (embedding, master only), Attn_l and FFN_l for every layer, Post (final norm + LM head, master
+only). Weights come from a `BlockSource` (all resident, or the sliding-window scheduler); the math
+comes from tpicore.model; the collective is passed in. Must not open sockets or spawn processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from tpicore import model as M
+from tpicore.config import ModelConfig
+from tpicore.errors import TpiError
+from tpicore.plan import ATTN_LEAVES, FFN_LEAVES, Layout, plan_layouts
+from tpicore.weights import Checkpoint, to_f32
+
+Block = tuple[str, int]  # ("pre" | "attn" | "ffn" | "post", layer index; -1 for pre/post)
+
+
+def block_order(n_layers: int, master: bool) -> list[Block]:
+    """The cyclic order in which one token's forward pass visits blocks on a device."""
+    order: list[Block] = [("pre", -1)] if master else []
+    for layer in range(n_layers):
+        order += [("attn", layer), ("ffn", layer)]
+    return order + ([("post", -1)] if master else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a device's tensors live
+
+
+class TensorStore:
+    """A device's tensors by HF name: a whole HF checkpoint, or one of our shard folders
+    (whose manifest may map several logical layers onto one stored layer)."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, layout: Layout, layer_map: list[int] | None = None,
+                 fingerprint: str = "", root: str = "") -> None:
+        self.ckpt, self.cfg, self.layout = ckpt, cfg, layout
+        self.layer_map = layer_map or list(range(cfg.num_hidden_layers))
+        self.fingerprint, self.root = fingerprint, root
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str) -> "TensorStore":
+        cfg = ModelConfig.from_dir(model_dir)
+        return cls(Checkpoint.from_dir(model_dir), cfg, plan_layouts(cfg, 1)[0], root=model_dir)
+
+    @classmethod
+    def from_shard_dir(cls, shard_dir: str) -> "TensorStore":
+        from tpicore.shard import read_manifest  # local import: shard.py imports this module
+
+        man = read_manifest(shard_dir)
+        cfg = ModelConfig.from_dict(man["config"], source=os.path.join(shard_dir, "manifest.json"),
+                                    generation=man.get("generation_config"))
+        files = [os.path.join(shard_dir, f) for f in man["files"]]
+        return cls(Checkpoint(files, shard_dir), cfg, Layout.from_json(man["layout"]), man.get("layer_map"),
+                   man["fingerprint"], shard_dir)
+
+    def name(self, layer: int, leaf: str) -> str:
+        return f"model.layers.{self.layer_map[layer]}.{leaf}"
+
+    def leaves(self, block: Block) -> dict[str, str]:
+        """leaf name -> stored tensor name for the tensors of one block."""
+        kind, layer = block
+        if kind in ("attn", "ffn"):
+            leaves = ATTN_LEAVES if kind == "attn" else FFN_LEAVES
+            return {leaf: self.name(layer, leaf) for leaf in leaves if self.name(layer, leaf) in self.ckpt}
+        if kind == "post":
+            head = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
+            return {"norm": "model.norm.weight", "lm_head": head}
+        return {}
+
+    def check(self) -> None:
+        """Fail early, naming the tensor and file, if a required tensor is missing or mis-shaped."""
+        cfg, lay = self.cfg, self.layout
+        D, Dh = cfg.hidden_size, cfg.head_dim
+        q, kv, f = lay.n_heads * Dh, lay.n_kv_heads * Dh, lay.n_ffn
+        shapes = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+                  "self_attn.q_proj.weight": (q, D), "self_attn.k_proj.weight": (kv, D),
+                  "self_attn.v_proj.weight": (kv, D), "self_attn.o_proj.weight": (D, q),
+                  "mlp.gate_proj.weight": (f, D), "mlp.up_proj.weight": (f, D), "mlp.down_proj.weight": (D, f)}
+        if cfg.attention_bias:
+            shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if cfg.o_proj_bias:
+            shapes["self_attn.o_proj.bias"] = (D,)
+        if cfg.mlp_bias:
+            shapes.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (D,)})
+        for layer in sorted(set(self.layer_map)):
+            for leaf, shape in shapes.items():
+                self.ckpt.info(f"model.layers.{layer}.{leaf}", shape)
+        if lay.rank == 0:
+            self.ckpt.info("model.embed_tokens.weight", (cfg.vocab_size, D))
+            self.ckpt.info("model.norm.weight", (D,))
+            if not cfg.tie_word_embeddings:
+                self.ckpt.info("lm_head.weight", (cfg.vocab_size, D))
+
+    def embed_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows for the tokens at hand only (the table is never read whole): [T] -> [T, D]."""
+        return self.ckpt.get_rows("model.embed_tokens.weight", ids)
+
+    def load(self, name: str) -> np.ndarray:
+        """A float32 tensor: f32 stays a zero-copy memory map; f16/bf16 are upcast into RAM."""
+        info = self.ckpt.info(name)
+        raw = self.ckpt.raw(name)
+        return raw if info.dtype == "F32" else to_f32(raw, info.dtype)
+
+    def block_nbytes(self, block: Block) -> int:
+        return sum(self.ckpt.info(n).nbytes for n in self.leaves(block).values())
+
+
+class BlockSource(Protocol):
+    def acquire(self, block: Block) -> dict[str, np.ndarray]: ...
+    def release(self, block: Block) -> None: ...
+    def close(self) -> None: ...
+
+
+class ResidentSource:
+    """Every block stays in memory after first use (no scheduler)."""
+
+    def __init__(self, store: TensorStore) -> None:
+        self.store = store
+        self.cache: dict[Block, dict[str, np.ndarray]] = {}
+
+    def acquire(self, block: Block) -> dict[str, np.ndarray]:
+        w = self.cache.get(block)
+        if w is None:
+            w = self.cache[block] = {leaf: self.store.load(name) for leaf, name in self.store.leaves(block).items()}
+        return w
+
+    def release(self, block: Block) -> None:
+        pass
+
+    def close(self) -> None:
+        self.cache.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Time accounting
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+    def begin_compute(self) -> None: ...
+    def end_compute(self) -> None: ...
+
+
+class WallClock:
+    """Real time; compute sections need no bookkeeping."""
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def begin_compute(self) -> None:
+        pass
+
+    def end_compute(self) -> None:
+        pass
+
+
+@dataclass
+class Timers:
+    """Per-device time split (seconds). compute excludes the allreduce time spent inside blocks."""
+
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    load_s: float = 0.0
+    stall_s: float = 0.0
+    events: list = field(default_factory=list)  # (name, category, start_s, duration_s) when tracing
+    trace: bool = False
+
+    def snapshot(self) -> dict[str, float]:
+        return {"compute_s": self.compute_s, "comm_s": self.comm_s, "load_s": self.load_s, "stall_s": self.stall_s}
+
+
+class Device:
+    """One device's share of the model: runs the Attn/FFN blocks of every layer on its shard."""
+
+    def __init__(self, store: TensorStore, source: BlockSource, max_seq: int,
+                 allreduce: M.AllReduce = M.identity, clock: Clock | None = None) -> None:
+        self.store, self.source, self.cfg = store, source, store.cfg
+        self.max_seq = max_seq
+        self.clock = clock or WallClock()
+        self.timers = Timers()
+        self._allreduce = allreduce
+        self.caches = [M.KVCache(store.layout.n_kv_heads, max_seq, self.cfg.head_dim)
+                       for _ in range(self.cfg.num_hidden_layers)]
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        """The collective, with its time booked as communication rather than compute."""
+        clock, t = self.clock, self.timers
+        clock.end_compute()
+        t0 = clock.now()
+        y = self._allreduce(x)
+        dt = clock.now() - t0
+        t.comm_s += dt
+        if t.trace:
+            t.events.append(("allreduce", "comm", t0, dt))
+        clock.begin_compute()
+        return y
+
+    def _run(self, block: Block, fn: Callable[[dict[str, np.ndarray]], np.ndarray]) -> np.ndarray:
+        clock, t = self.clock, self.timers
+        w = self.source.acquire(block)
+        comm_before = t.comm_s
+        t0 = clock.now()
+        clock.begin_compute()
+        y = fn(w)
+        clock.end_compute()
+        dt = clock.now() - t0
+        t.compute_s += dt - (t.comm_s - comm_before)
+        if t.trace:
+            t.events.append((f"{block[0]}{'' if block[1] < 0 else block[1]}", "compute", t0, dt))
+        self.source.release(block)
+        return y
+
+    def layers(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """All decoder layers over hidden states x [T, D] at positions pos..pos+T-1."""
+        if pos + x.shape[0] > self.max_seq:
+            raise TpiError(f"context: {pos + x.shape[0]} positions exceed the maximum of {self.max_seq}")
+        cfg = self.cfg
+        for layer in range(cfg.num_hidden_layers):
+            kv = self.caches[layer]
+            x = self._run(("attn", layer), lambda w: M.attn_block(x, w, cfg, kv, pos, self.allreduce))
+            x = self._run(("ffn", layer), lambda w: M.ffn_block(x, w, cfg, self.allreduce))
+        return x
+
+    # master only -------------------------------------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        self.source.acquire(("pre", -1))
+        t0 = self.clock.now()
+        self.clock.begin_compute()
+        x = self.store.embed_rows(ids)  # [T] -> [T, D]
+        self.clock.end_compute()
+        self.timers.compute_s += self.clock.now() - t0
+        self.source.release(("pre", -1))
+        return x
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        # [T, D] -> [T, V]
+        return self._run(("post", -1), lambda w: M.lm_head(x, w["norm"], w["lm_head"], self.cfg))
+
+    def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Single-device forward: ids [T] -> logits [T, V] (or [1, V] for the last position)."""
+        x = self.layers(self.embed(ids), pos)
+        return self.head(x if all_logits else x[-1:])
+
+    def close(self) -> None:
+        self.source.close()
+

@@ -1,0 +1,149 @@
+"""`tpi generate`: argument parsing and output for generation, single process or N devices.
+
+Owns the user-facing side of generation (flags, streaming text, --json, --dump-logits). Building
+engines lives in tpicore.engine (one process) and tpicore.parallel (N devices); this module must not
+do math or networking itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+
+import numpy as np
+
+from tpicore.errors import TpiError
+from tpicore.generate import Generation, Sampling, generate
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--dump-logits", metavar="FILE.npy", help="save float32 logits [rows, vocab]")
+    tp = p.add_argument_group("tensor parallelism")
+    tp.add_argument("--devices", type=int, default=1, help="number of devices (processes); 1 = single process")
+    tp.add_argument("--ratios", help="per-device share, e.g. 3,2,2,1 (default equal)")
+    tp.add_argument("--allreduce", choices=("star", "ring", "tree"), default="star")
+    tp.add_argument("--shards", help="use the per-device folders written by `tpi shard` (instead of --model)")
+    tp.add_argument("--listen", metavar="HOST:PORT", help="wait for remote workers here instead of spawning them")
+    tp.add_argument("--secret-file", help="shared secret for authenticating workers (required off loopback)")
+    tp.add_argument("--timeout-s", type=float, default=60.0, help="give up on a silent peer after this long")
+    mem = p.add_argument_group("memory scheduler")
+    mem.add_argument("--window", type=int, default=None, help="sliding window of resident blocks (>= 2)")
+    mem.add_argument("--no-window", action="store_true", help="keep every block resident (default)")
+    mem.add_argument("--retain-every", type=int, default=0, help="keep one FFN block in every T resident")
+    mem.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the blocks")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise TpiError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise TpiError("--prompt-ids: empty")
+    return ids
+
+
+def write_npy_atomic(path: str, arr: np.ndarray) -> None:
+    """Write an .npy file under a temporary name and rename it into place (never half-written)."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise TpiError(f"--dump-logits: folder {d} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_tokenizer(model_dir: str | None, required: bool):
+    from tpicore.tokenizer import Tokenizer
+
+    if model_dir and os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        return Tokenizer.from_dir(model_dir)
+    if required:
+        raise TpiError(f"{model_dir or '--model'}: no tokenizer.json (use --prompt-ids to give token ids)")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.model and not args.shards:
+        raise TpiError("--model or --shards is required")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.devices == 1 and not args.shards and not args.listen:
+        from tpicore.session import LocalSession as Session
+    else:
+        from tpicore.parallel import ParallelSession as Session
+
+    with Session.open(args) as session:
+        cfg = session.cfg
+        tok = load_tokenizer(session.tokenizer_dir, required=args.prompt is not None)
+        if args.prompt is not None:
+            text = args.prompt
+            if args.chat:
+                text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            ids = tok.encode(text, add_special_tokens=not args.chat)
+        else:
+            ids = parse_ids(args.prompt_ids)
+            bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+            if bad:
+                raise TpiError(f"--prompt-ids: {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+        if len(ids) + args.max_new_tokens - 1 > cfg.max_position_embeddings:
+            raise TpiError(f"context: {len(ids)} prompt tokens + {args.max_new_tokens} new tokens exceed "
+                           f"max_position_embeddings = {cfg.max_position_embeddings}")
+        session.prepare(max_seq=len(ids) + args.max_new_tokens)
+
+        stream = None
+        if not args.json and tok is not None:
+            from tpicore.tokenizer import StreamDecoder
+
+            stream = StreamDecoder(tok)
+
+        def on_token(t: int) -> None:
+            if stream is not None:
+                piece = stream.push(t)
+                if piece:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+
+        eos = tuple(cfg.eos_token_ids) or ((tok.eos_token_id,) if tok and tok.eos_token_id is not None else ())
+        gen: Generation = generate(session.step, ids, args.max_new_tokens, sampling, eos,
+                                   max_seq=len(ids) + args.max_new_tokens, keep_logits=bool(args.dump_logits),
+                                   on_token=on_token)
+        if args.dump_logits:
+            write_npy_atomic(args.dump_logits, np.stack(gen.logits).astype(np.float32))
+        text = tok.decode(gen.tokens) if tok is not None else ""
+        if args.json:
+            report = {"tokens": gen.tokens, "text": text, "prompt_tokens": len(ids), "ttft_s": gen.ttft_s,
+                      "token_latency_s": gen.token_latency_s, "token_latencies_s": gen.token_latencies_s,
+                      "stopped_by": gen.stopped_by, "peak_rss_bytes": peak_rss_bytes()}
+            report.update(session.report())
+            print(json.dumps(report))
+        elif stream is not None:
+            sys.stdout.write(stream.flush() + "\n")
+        else:
+            print(",".join(map(str, gen.tokens)))
+        if args.trace:
+            session.write_trace(args.trace)
+    return 0
