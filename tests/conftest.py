@@ -48,8 +48,8 @@ def build_hf_model(out_dir: str, variant: str = "gqa", torch_dtype: str = "float
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
     saved.save_pretrained(out_dir, **kwargs)
-    # the reference computes in fp32 from the same (possibly rounded) weights
-    return saved.to(torch.float32).eval()
+    # the reference is HF's own loader computing in fp32 from the stored (possibly rounded) weights
+    return LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

@@ -152,6 +152,11 @@ class ModelConfig:
         # transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling
         rope = dict(d.get("rope_parameters") or {})
         legacy = d.get("rope_scaling") or {}
+        if rope and legacy:
+            a, b = rope.get("rope_type", "default"), legacy.get("rope_type", legacy.get("type", "default"))
+            if a != b:
+                raise TpiError(f"{source}: rope_parameters.rope_type ({a!r}) and rope_scaling.rope_type ({b!r})"
+                               " disagree; keep one of them")
         for k, v in legacy.items():
             rope.setdefault(k, v)
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
