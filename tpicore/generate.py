@@ -71,11 +71,13 @@ class Generation:
 
 def generate(step: Step, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_ids: tuple[int, ...] = (), max_seq: int = 2048, keep_logits: bool = False,
-             on_token: Callable[[int], None] | None = None) -> Generation:
+             on_token: Callable[[int], None] | None = None,
+             now: Callable[[], float] = time.perf_counter) -> Generation:
     """Prefill the prompt, then decode one token at a time from the KV cache.
 
     `max_new_tokens` counts generated tokens only. With keep_logits, every position's logits are
     kept in order (prompt rows, then one per token fed back): T + n - 1 rows for n new tokens.
+    `now` is the clock TTFT and token latencies are read from (the emulator passes a virtual one).
     """
     if not prompt_ids:
         raise TpiError("prompt: empty (need at least one token)")
@@ -87,18 +89,18 @@ def generate(step: Step, prompt_ids: list[int], max_new_tokens: int, sampling: S
                        f"{total} positions, more than the maximum context of {max_seq}")
     rng = np.random.default_rng(sampling.seed)
     out = Generation(prompt_ids=list(prompt_ids))
-    t0 = time.perf_counter()
+    t0 = now()
     logits = step(np.asarray(prompt_ids, dtype=np.int64), 0, keep_logits)  # prefill: [T or 1, V]
     if keep_logits:
         out.logits.extend(logits)
     pos = len(prompt_ids)
     while True:
         tok = sample(logits[-1], sampling, rng)
-        now = time.perf_counter()
+        t = now()
         if not out.tokens:
-            out.ttft_s = now - t0
+            out.ttft_s = t - t0
         else:
-            out.token_latencies_s.append(now - t0)
+            out.token_latencies_s.append(t - t0)
         out.tokens.append(tok)
         if on_token:
             on_token(tok)
@@ -107,7 +109,7 @@ def generate(step: Step, prompt_ids: list[int], max_new_tokens: int, sampling: S
             break
         if len(out.tokens) >= max_new_tokens:
             break
-        t0 = time.perf_counter()
+        t0 = now()
         logits = step(np.asarray([tok], dtype=np.int64), pos, keep_logits)  # decode: [1, V]
         if keep_logits:
             out.logits.extend(logits)

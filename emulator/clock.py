@@ -1,0 +1,139 @@
+"""Wall and virtual clocks: what "now" means for one emulated device.
+
+Eight emulated devices on a 2-core host cannot all compute in real time, so two clocks exist:
+
+- `WallClock`: now = time.perf_counter() (CLOCK_MONOTONIC, the same clock in every process on the host).
+  Time spent computing is whatever the host gives; `wait_until(t)` really waits. Honest when the host
+  has at least as many free cores as devices compute at once.
+- `VirtualClock(speed)`: each device keeps its own virtual time, starting at 0.
+    * `with clock.compute():` adds the CPU time this thread spent inside (time.thread_time()) divided
+      by the device's speed -- waiting for a core on a crowded host costs nothing;
+    * `advance(dt)` adds a modelled wait the caller computed (a disk load: bytes / disk bandwidth);
+    * `advance_to(t)` / `wait_until(t)` = max(own time, t): a message arriving at virtual time t.
+  A run's virtual duration is then what N devices of the given speed would take, if they ran alone.
+
+What the virtual clock loses (the approximation):
+- CPU time is not wall time on the emulated device: memory-bandwidth stalls and cache misses are
+  counted as the host suffered them (with other processes sharing its memory bus), and a device with
+  several cores running multithreaded BLAS is counted as the sum of CPU time over the calling thread
+  only -- use one BLAS thread per device in virtual mode, and `speed` to model a faster/slower device.
+- Work done outside `compute()` blocks (Python glue, serialisation, the transport's own CPU) is free.
+- Overlap inside one device (e.g. a prefetch thread loading weights while the main thread computes)
+  is not modelled by a single timeline: such threads must account their own time and join via
+  advance_to().
+- Page-cache and disk effects are whatever the caller models through advance().
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from tpicore.errors import TpiError
+
+# Sleeping overshoots by ~0.1 ms (p99 ~0.2 ms) on this host: sleep until this much before a deadline,
+# then spin the rest (lands within ~1 us).
+SPIN_S = 0.0002
+
+
+class WallClock:
+    """Real time on the host's shared monotonic clock.
+
+    spin_s: how long before a deadline to stop sleeping and spin. Spinning lands within ~1 us but
+    burns a core; with more waiting processes than cores, spinners starve each other (and everything
+    else) for milliseconds -- then pass spin_s=0: plain sleep, ~0.1 ms late on average.
+    """
+
+    virtual = False
+
+    def __init__(self, spin_s: float = SPIN_S) -> None:
+        self.spin_s = spin_s
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    @contextmanager
+    def compute(self) -> Iterator[None]:
+        yield  # real time passes by itself
+
+    # the engine's form of compute(): tpicore.engine.Device brackets each block (and pauses around
+    # every allreduce inside it) with these
+    def begin_compute(self) -> None:
+        pass
+
+    def end_compute(self) -> None:
+        pass
+
+    def advance(self, dt: float) -> None:
+        """A modelled wait (e.g. a disk load) in wall mode really waits."""
+        if dt > 0:
+            self.wait_until(time.perf_counter() + dt)
+
+    def advance_to(self, t: float) -> None:
+        self.wait_until(t)
+
+    def wait_until(self, deadline: float) -> None:
+        """Return at `deadline` (perf_counter seconds): one sleep to just before it, then spin. Never
+        a chain of short sleeps, whose overshoots would add up."""
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            return
+        if remaining > self.spin_s:
+            time.sleep(remaining - self.spin_s)
+        while time.perf_counter() < deadline:
+            pass
+
+
+class VirtualClock:
+    """One device's virtual time in seconds, starting at `start`. Not shared between processes:
+    messages carry it (t_send / t_deliver) and receivers catch up with advance_to()."""
+
+    virtual = True
+
+    def __init__(self, speed: float = 1.0, start: float = 0.0,
+                 cpu_time: Callable[[], float] = time.thread_time) -> None:
+        if not speed > 0:
+            raise TpiError(f"speed: must be > 0, got {speed!r}")
+        self.speed = float(speed)
+        self._t = float(start)
+        self._cpu_time = cpu_time  # injectable so tests can stub compute time exactly
+        self.compute_s = 0.0  # virtual seconds spent in compute() blocks, for reports
+        self._cpu0: float | None = None  # thread CPU time at the open compute section, if any
+
+    def now(self) -> float:
+        return self._t
+
+    @contextmanager
+    def compute(self) -> Iterator[None]:
+        self.begin_compute()
+        try:
+            yield
+        finally:
+            self.end_compute()
+
+    def begin_compute(self) -> None:
+        self._cpu0 = self._cpu_time()
+
+    def end_compute(self) -> None:
+        """Close the section begun by begin_compute(): virtual time += CPU time / speed."""
+        if self._cpu0 is None:
+            return
+        dt = (self._cpu_time() - self._cpu0) / self.speed
+        self._cpu0 = None
+        self._t += dt
+        self.compute_s += dt
+
+    def advance(self, dt: float) -> None:
+        if dt < 0:
+            raise TpiError(f"advance: dt must be >= 0, got {dt!r}")
+        self._t += dt
+
+    def advance_to(self, t: float) -> None:
+        if t > self._t:
+            self._t = t
+
+    wait_until = advance_to  # for the shaper: a virtual device never sleeps
+
+    def __repr__(self) -> str:
+        return f"VirtualClock(speed={self.speed}, now={self._t:.6f})"
