@@ -94,15 +94,15 @@ def test_threads_mesh_secret_and_preallocated_buffers():
 
     def run(g: Group):
         x = np.full((2, 5), g.rank, np.float32)
-        a = allreduce(g, x, "tree")
-        assert a is x  # reduced in place
-        scratch = g.scratch(1)
-        allreduce(g, np.ones((2, 5), np.float32), "star")
-        return a.copy(), scratch is g.scratch(1) or g.rank != 0
+        result = allreduce(g, x, "tree")
+        assert result is x  # reduced in place
+        scratch = g.scratch(0)
+        allreduce(g, np.ones(7, np.float32), "star")  # smaller: the receive buffer is reused, not regrown
+        return x.copy(), g.scratch(0) is scratch
 
-    for a, same_buffer in _in_threads(groups, run):
-        np.testing.assert_array_equal(a, np.full((2, 5), 6.0, np.float32))
-        assert same_buffer
+    for x, reused in _in_threads(groups, run):
+        np.testing.assert_array_equal(x, np.full((2, 5), 6.0, np.float32))
+        assert reused
     for g in groups:
         g.close()
 

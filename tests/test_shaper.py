@@ -130,9 +130,9 @@ def test_wall_two_senders_share_a_link():
 
 TAU_MS = 2.0
 # hops (device-to-device messages) on the critical path of each algorithm of tpicore.comm.collectives
-# with N = 8: star up + down = 2; ring 2 (N-1) = 14; tree: binary heap of depth 3 (0; 1,2; 3..6; 7), up
-# and down = 6. The paper's tree has depth 2 (16 tau); a binary tree over 8 devices cannot.
-HOPS = {"star": 2, "tree": 6, "ring": 14}
+# with N = 8: star up + down = 2; ring 2 (N-1) = 14; tree: depth 2 (0; 1,2,3; 4..7), up and down = 4,
+# the paper's depth-2 tree (tpicore.comm.collectives.tree_children).
+HOPS = {"star": 2, "tree": 4, "ring": 14}
 PAPER_TAU = {"star": 8, "tree": 16, "ring": 56}
 
 

@@ -237,6 +237,20 @@ def test_channel_checks_sender_and_kind_and_raises_remote_errors(pair, kind, src
         ch.recv_array(Kind.TENSOR)
 
 
+def test_channel_recv_any(pair):
+    a, b = pair
+    ch = Channel(b, rank=0, peer_rank=1, timeout_s=2.0)
+    send_frame(a, Kind.CONTROL, json_payload({"op": "stop"}), src=1)
+    send_frame(a, Kind.TENSOR, np.arange(3, dtype=np.int64), src=1)
+    send_frame(a, Kind.BCAST, np.zeros(1, np.float32), src=1)
+    hdr, payload = ch.recv_any()
+    assert hdr.kind == Kind.CONTROL and parse_json(payload) == {"op": "stop"}
+    hdr, payload = ch.recv_any()
+    assert hdr.kind == Kind.TENSOR and payload.tolist() == [0, 1, 2]
+    with pytest.raises(ProtocolError, match="expected CONTROL from rank 1, got BCAST"):
+        ch.recv_any()
+
+
 # --- handshake: the master refuses bad peers with a reason, and keeps waiting for good ones
 
 
@@ -290,7 +304,7 @@ def test_worker_refuses_a_master_that_cannot_prove_the_secret():
     with pytest.raises(TpiError, match="did not prove the shared secret"):
         Group.worker(1, m.addr, world_size=2, secret=b"s3cret", fingerprint="fp", timeout_s=3)
     m.join()
-    assert isinstance(m.error, TpiError)
+    assert isinstance(m.error, TpiError) and "rank 0 did not prove the shared secret to rank 1" in str(m.error)
 
 
 def test_master_times_out_naming_missing_ranks_and_last_refusal():

@@ -24,7 +24,7 @@ import numpy as np
 
 from tpicore.comm import collectives as C
 from tpicore.comm.transport import Group, open_listener
-from tpicore.comm.wire import Kind, parse_json, recv_payload
+from tpicore.comm.wire import Kind, parse_json
 from tpicore.engine import Device, TensorStore, Timers
 from tpicore.errors import TpiError
 
@@ -76,16 +76,6 @@ def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None) -> 
 # worker side
 
 
-def recv_frame_any(ch) -> tuple:
-    """Next frame from the master, whatever its kind: (header, payload). ERROR/BYE raise."""
-    hdr = ch.recv_header()
-    if hdr.kind not in (Kind.CONTROL, Kind.TENSOR):
-        ch.check(hdr, Kind.TENSOR, None)  # raises the remote error, BYE as PeerLost, else ProtocolError
-    payload = recv_payload(ch.sock, hdr, ch.peer)
-    ch.received(hdr)
-    return hdr, payload
-
-
 def worker_loop(group: Group, store: TensorStore, clock=None) -> dict:
     """Serve steps until the master says stop; returns this rank's report (also sent to the master)."""
     master = group.channel(0)
@@ -96,7 +86,7 @@ def worker_loop(group: Group, store: TensorStore, clock=None) -> dict:
     dev = make_device(store, opts, C.Collective(group, opts.allreduce), clock)
     try:
         while True:
-            hdr, payload = recv_frame_any(master)
+            hdr, payload = master.recv_any((Kind.CONTROL, Kind.TENSOR))
             if hdr.kind == Kind.CONTROL:
                 op = parse_json(payload, master.peer).get("op")
                 if op == "stop":

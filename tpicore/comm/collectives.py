@@ -11,10 +11,10 @@ from run to run (the algorithms differ from one another only by fp32 rounding).
         3 --/            \\--> 3
     ring (reduce-scatter, then all-gather; N chunks, each rank sends to r+1 and receives from r-1):
         0 -> 1 -> 2 -> 3 -> 0          2 (N-1) steps of 1/N of the payload
-    tree (binary: children of r are 2r+1 and 2r+2; reduce up to 0, broadcast down the same edges):
-              0                         2 ceil(log2 N) levels
-            1   2
-           3 4 5 6
+    tree (binary below a three-way root: 0 -> 1 2 3, r -> 2r+2 2r+3; reduce up, broadcast down):
+              0                         depth 2 for N = 8 (the paper's tree), then one level
+           1  2  3                      per doubling
+          45  67 89
 """
 
 from __future__ import annotations
@@ -146,16 +146,31 @@ def _ring(group: Group, x: np.ndarray, tag: int) -> None:
         exchange(nxt, Kind.TENSOR, out, tag, prv if inc is not None else None, inc)
 
 
+def tree_children(r: int, n: int) -> list[int]:
+    """Children of rank r: the root has three (1, 2, 3), every other rank two (2r+2, 2r+3).
+
+    A binary tree below a three-way root keeps 8 ranks at depth 2 (0 / 1 2 3 / 4 5 6 7), the
+    paper's depth-2 tree for its 8 devices (16 link latencies on Klonet); a plain binary tree
+    would need depth 3 there.
+    """
+    kids = (1, 2, 3) if r == 0 else (2 * r + 2, 2 * r + 3)
+    return [c for c in kids if c < n]
+
+
+def tree_parent(c: int) -> int:
+    return 0 if c <= 3 else (c - 2) // 2
+
+
 def _tree(group: Group, x: np.ndarray, tag: int) -> None:
     r, n = group.rank, group.world_size
-    children = [c for c in (2 * r + 1, 2 * r + 2) if c < n]
+    children = tree_children(r, n)
     if children:
         buf = group.scratch(x.size)[: x.size].reshape(x.shape)
-        for c in children:  # left subtree first, then right: x_r + left + right
+        for c in children:  # children in rank order: x_r + c1 + c2 (+ c3)
             group.channel(c).recv_into(buf, Kind.TENSOR, tag)
             x += buf
     if r:
-        parent = group.channel((r - 1) // 2)
+        parent = group.channel(tree_parent(r))
         parent.send_array(Kind.TENSOR, x, tag)
         parent.recv_into(x, Kind.TENSOR, tag)
     for c in children:

@@ -155,6 +155,8 @@ class Channel:
     def check(self, hdr: Header, kind: int, tag: int | None) -> None:
         """Raise what an ERROR/BYE frame stands for, or ProtocolError for the wrong kind or tag."""
         if hdr.kind == Kind.ERROR:
+            if hdr.nbytes > HANDSHAKE_MAX_NBYTES:
+                raise ProtocolError(f"{self.peer} sent an ERROR frame of {hdr.nbytes} bytes")
             raise _remote_error(recv_payload(self.sock, hdr, self.peer), self.peer)
         if hdr.kind == Kind.BYE:
             raise PeerLost(f"{self.peer} left the group")
@@ -176,6 +178,15 @@ class Channel:
         arr = recv_payload(self.sock, hdr, self.peer)
         self.received(hdr)
         return arr
+
+    def recv_any(self, kinds: tuple[int, ...] = (Kind.CONTROL, Kind.TENSOR)) -> tuple[Header, np.ndarray]:
+        """Next frame of any of `kinds` into new memory: (header, payload). ERROR/BYE/other kinds raise."""
+        hdr = self.recv_header()
+        if hdr.kind not in kinds:
+            self.check(hdr, kinds[0], None)
+        arr = recv_payload(self.sock, hdr, self.peer)
+        self.received(hdr)
+        return hdr, arr
 
     def recv_into(self, out: np.ndarray, kind: int = Kind.TENSOR, tag: int | None = None) -> np.ndarray:
         """Receive one array into the preallocated C-contiguous `out` (same shape and dtype); returns `out`."""
@@ -337,7 +348,12 @@ def _advance(bufs: list[memoryview], n: int) -> None:
 
 
 def _mac(secret: bytes, *parts: bytes) -> str:
-    return hmac.new(secret, b"|".join(parts), hashlib.sha256).hexdigest()
+    """HMAC-SHA256 over length-prefixed parts (so no two different part lists give the same message)."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(len(part).to_bytes(8, "little"))
+        mac.update(part)
+    return mac.hexdigest()
 
 
 def _as_secret(secret: bytes | str | None) -> bytes | None:
@@ -436,7 +452,10 @@ def _join_peer(sock: socket.socket, *, rank: int, world_size: int, fingerprint: 
             if secret is None:
                 _refuse(sock, rank, f"rank {rank} has no shared secret")
                 raise TpiError(f"{peer} requires a shared secret and rank {rank} has none")
-            nonce_a = bytes.fromhex(str(msg.get("nonce", "")))
+            try:
+                nonce_a = bytes.fromhex(str(msg.get("nonce", "")))
+            except ValueError:
+                raise ProtocolError(f"{peer} sent a malformed CHALLENGE") from None
             _send_json_raw(sock, Kind.AUTH, {"mac": _mac(secret, b"join", nonce_a, hello_bytes)}, rank, peer)
         elif hdr.kind == Kind.WELCOME:
             break
@@ -447,6 +466,7 @@ def _join_peer(sock: socket.socket, *, rank: int, world_size: int, fingerprint: 
     if secret is not None:
         expect = _mac(secret, b"accept", nonce_j, nonce_a, hello_bytes, str(expect_rank).encode())
         if not nonce_a or not hmac.compare_digest(str(msg.get("proof") or ""), expect):
+            _refuse(sock, rank, f"rank {expect_rank} did not prove the shared secret to rank {rank}")
             raise TpiError(f"{peer} did not prove the shared secret; refusing to trust it")
     return msg
 
@@ -467,6 +487,19 @@ def open_listener(host: str = "127.0.0.1", port: int = 0, backlog: int = 64) -> 
 
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # tiny frames must not wait for Nagle
+
+
+def _accept(lst: socket.socket, timeout_s: float) -> tuple[socket.socket | None, Any]:
+    """One accepted connection, or (None, None) if nobody came within timeout_s."""
+    lst.settimeout(timeout_s)
+    try:
+        conn, addr = lst.accept()
+    except socket.timeout:
+        return None, None
+    except OSError as e:
+        raise TpiError(f"accepting connections on {lst.getsockname()[:2]} failed: {e.strerror or e}") from None
+    _tune(conn)
+    return conn, addr
 
 
 def _connect(addr: tuple[str, int], deadline: float, peer: str) -> socket.socket:
@@ -601,12 +634,9 @@ class Group:
                     hint = f"; last refusal: {last_refusal}" if last_refusal else ""
                     raise TpiError(f"timed out after {timeout_s:.1f} s waiting for workers; "
                                    f"missing rank(s) {', '.join(map(str, missing))}{hint}")
-                lst.settimeout(remaining)
-                try:
-                    conn, addr = lst.accept()
-                except socket.timeout:
+                conn, addr = _accept(lst, remaining)
+                if conn is None:
                     continue
-                _tune(conn)
                 conn.settimeout(min(remaining, timeout_s))
                 peer = f"peer {addr[0]}:{addr[1]}"
                 try:
@@ -711,12 +741,9 @@ class Group:
             if remaining <= 0:
                 raise TpiError(f"timed out after {timeout_s:.1f} s waiting for rank(s) "
                                f"{', '.join(map(str, sorted(expected)))} to connect to rank {rank}")
-            lst.settimeout(remaining)
-            try:
-                conn, addr = lst.accept()
-            except socket.timeout:
+            conn, addr = _accept(lst, remaining)
+            if conn is None:
                 continue
-            _tune(conn)
             conn.settimeout(min(remaining, timeout_s))
             try:
                 peer_rank, _ = _accept_peer(conn, my_rank=rank, world_size=world_size, fingerprint=fingerprint,

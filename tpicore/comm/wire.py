@@ -293,7 +293,10 @@ def recv_frame(sock: socket.socket, *, max_nbytes: int = DEFAULT_MAX_NBYTES, pee
 
 def check_fits(hdr: Header, out: np.ndarray, peer: str = "peer") -> None:
     """ProtocolError unless the frame announced by `hdr` has exactly the shape and dtype of `out`."""
-    if hdr.shape != out.shape or hdr.dtype != _CODE_BY_DTYPE.get(out.dtype, _CODE_BY_NAME.get(out.dtype.name)):
+    code = _CODE_BY_DTYPE.get(out.dtype)
+    if code is None:
+        code = _CODE_BY_NAME.get(out.dtype.name) if out.dtype.isnative else None
+    if hdr.shape != out.shape or hdr.dtype != code:
         raise ProtocolError(f"{peer} sent shape {hdr.shape} {numpy_dtype(hdr.dtype)}, "
                             f"expected {out.shape} {out.dtype}")
 
