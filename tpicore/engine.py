@@ -21,15 +21,34 @@ from tpicore.errors import TpiError
 from tpicore.plan import ATTN_LEAVES, FFN_LEAVES, Layout, plan_layouts
 from tpicore.weights import Checkpoint, to_f32
 
-Block = tuple[str, int]  # ("pre" | "attn" | "ffn" | "post", layer index; -1 for pre/post)
+Block = tuple[str, int]  # ("pre" | "attn" | "ffn" | "post", layer index; -1 for pre/post; chunk c for ("post", c))
 
 
-def block_order(n_layers: int, master: bool) -> list[Block]:
-    """The cyclic order in which one token's forward pass visits blocks on a device."""
+def block_order(n_layers: int, master: bool, head_chunks: int | None = None) -> list[Block]:
+    """The cyclic order in which one token's forward pass visits blocks on a device.
+
+    With `head_chunks`, Post is that many blocks ("post", 0..C-1), one per vocabulary chunk of the LM
+    head (the window scheduler streams the head); without, one block ("post", -1) holding it whole.
+    """
     order: list[Block] = [("pre", -1)] if master else []
     for layer in range(n_layers):
         order += [("attn", layer), ("ffn", layer)]
-    return order + ([("post", -1)] if master else [])
+    if not master:
+        return order
+    return order + ([("post", c) for c in range(head_chunks)] if head_chunks is not None else [("post", -1)])
+
+
+def head_row_ranges(store: "TensorStore") -> list[tuple[int, int]]:
+    """The LM head's vocabulary chunks [lo, hi): rows of at most the smaller layer block's size.
+
+    Fixed by the model and this device's layout only, so the resident and the windowed path chunk
+    alike (bit-identical logits), and a chunk always fits a window slot a layer block has used.
+    """
+    cfg = store.cfg
+    layer_elems = [sum(int(np.prod(store.ckpt.info(n).shape)) for n in store.leaves((kind, 0)).values())
+                   for kind in ("attn", "ffn")]
+    rows = max(1, min(layer_elems) // cfg.hidden_size)
+    return [(lo, min(lo + rows, cfg.vocab_size)) for lo in range(0, cfg.vocab_size, rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,9 +90,9 @@ class TensorStore:
         if kind in ("attn", "ffn"):
             leaves = ATTN_LEAVES if kind == "attn" else FFN_LEAVES
             return {leaf: self.name(layer, leaf) for leaf in leaves if self.name(layer, leaf) in self.ckpt}
-        if kind == "post":
+        if kind == "post":  # whole head (-1), or chunk c of its rows (the norm goes with chunk 0)
             head = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
-            return {"norm": "model.norm.weight", "lm_head": head}
+            return {"norm": "model.norm.weight", "lm_head": head} if layer <= 0 else {"lm_head": head}
         return {}
 
     def check(self) -> None:
@@ -111,7 +130,17 @@ class TensorStore:
         return raw if info.dtype == "F32" else to_f32(raw, info.dtype)
 
     def block_nbytes(self, block: Block) -> int:
-        return sum(self.ckpt.info(n).nbytes for n in self.leaves(block).values())
+        """Stored bytes of one block's tensors (a head chunk counts only its rows)."""
+        kind, c = block
+        total = 0
+        for leaf, name in self.leaves(block).items():
+            info = self.ckpt.info(name)
+            if kind == "post" and c >= 0 and leaf == "lm_head":
+                lo, hi = head_row_ranges(self)[c]
+                total += info.nbytes // info.shape[0] * (hi - lo)
+            else:
+                total += info.nbytes
+        return total
 
 
 class BlockSource(Protocol):
@@ -173,23 +202,33 @@ class Timers:
     stall_s: float = 0.0
     events: list = field(default_factory=list)  # (name, category, start_s, duration_s) when tracing
     trace: bool = False
+    # booked by the window scheduler (tpicore.scheduler); zero without it
+    loads: int = 0  # blocks read from disk
+    loaded_bytes: int = 0  # bytes read from disk (stored dtype)
+    stalls: int = 0  # acquires that found their block not loaded yet
+    window: dict = field(default_factory=dict)  # per-block averages, per-step split, first stall, steady conditions
 
     def snapshot(self) -> dict[str, float]:
-        return {"compute_s": self.compute_s, "comm_s": self.comm_s, "load_s": self.load_s, "stall_s": self.stall_s}
+        """Flat numeric totals (callers subtract two snapshots); details are in `window`."""
+        return {"compute_s": self.compute_s, "comm_s": self.comm_s, "load_s": self.load_s, "stall_s": self.stall_s,
+                "loads": self.loads, "loaded_bytes": self.loaded_bytes, "stalls": self.stalls}
 
 
 class Device:
     """One device's share of the model: runs the Attn/FFN blocks of every layer on its shard."""
 
     def __init__(self, store: TensorStore, source: BlockSource, max_seq: int,
-                 allreduce: M.AllReduce = M.identity, clock: Clock | None = None) -> None:
+                 allreduce: M.AllReduce = M.identity, clock: Clock | None = None,
+                 layer_ids: range | None = None) -> None:
         self.store, self.source, self.cfg = store, source, store.cfg
         self.max_seq = max_seq
         self.clock = clock or WallClock()
         self.timers = Timers()
         self._allreduce = allreduce
-        self.caches = [M.KVCache(store.layout.n_kv_heads, max_seq, self.cfg.head_dim)
-                       for _ in range(self.cfg.num_hidden_layers)]
+        # the layers this device runs: all of them (tensor parallel), or a pipeline stage's range
+        self.layer_ids = layer_ids if layer_ids is not None else range(self.cfg.num_hidden_layers)
+        self.caches = {layer: M.KVCache(store.layout.n_kv_heads, max_seq, self.cfg.head_dim)
+                       for layer in self.layer_ids}
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
         """The collective, with its time booked as communication rather than compute."""
@@ -224,7 +263,7 @@ class Device:
         if pos + x.shape[0] > self.max_seq:
             raise TpiError(f"context: {pos + x.shape[0]} positions exceed the maximum of {self.max_seq}")
         cfg = self.cfg
-        for layer in range(cfg.num_hidden_layers):
+        for layer in self.layer_ids:
             kv = self.caches[layer]
             x = self._run(("attn", layer), lambda w: M.attn_block(x, w, cfg, kv, pos, self.allreduce))
             x = self._run(("ffn", layer), lambda w: M.ffn_block(x, w, cfg, self.allreduce))
@@ -235,15 +274,37 @@ class Device:
         self.source.acquire(("pre", -1))
         t0 = self.clock.now()
         self.clock.begin_compute()
-        x = self.store.embed_rows(ids)  # [T] -> [T, D]
+        rows = getattr(self.source, "embed_rows", None) or self.store.embed_rows  # the window reads past the page cache
+        x = rows(ids)  # [T] -> [T, D]: only these rows of the table are read
         self.clock.end_compute()
         self.timers.compute_s += self.clock.now() - t0
         self.source.release(("pre", -1))
         return x
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        # [T, D] -> [T, V]
-        return self._run(("post", -1), lambda w: M.lm_head(x, w["norm"], w["lm_head"], self.cfg))
+        """Final norm once, then the LM head one vocabulary chunk at a time: [T, D] -> [T, V].
+
+        A source with `streams_head` (the window scheduler) serves chunk c as block ("post", c), so the
+        V x D table is never resident whole; otherwise block ("post", -1) holds it and the same row
+        ranges are sliced from it. Both paths run the same norm and the same `linear` per chunk, so
+        their logits are bit-identical.
+        """
+        ranges = head_row_ranges(self.store)
+        out = np.empty((x.shape[0], self.cfg.vocab_size), dtype=np.float32)  # [T, V]
+        normed: list[np.ndarray] = []
+
+        def chunk(w: dict[str, np.ndarray], lo: int, hi: int, rows: np.ndarray) -> np.ndarray:
+            if not normed:
+                normed.append(M.rms_norm(x, w["norm"], self.cfg.rms_norm_eps))  # [T, D]
+            out[:, lo:hi] = M.linear(normed[0], rows)  # [T, D] @ [hi-lo, D].T -> [T, hi-lo]
+            return out
+
+        if getattr(self.source, "streams_head", False):
+            for c, (lo, hi) in enumerate(ranges):
+                self._run(("post", c), lambda w: chunk(w, lo, hi, w["lm_head"]))
+        else:
+            self._run(("post", -1), lambda w: [chunk(w, lo, hi, w["lm_head"][lo:hi]) for lo, hi in ranges][-1])
+        return out
 
     def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
         """Single-device forward: ids [T] -> logits [T, V] (or [1, V] for the last position)."""

@@ -1,0 +1,138 @@
+"""Pipeline-parallel baseline: layers split across N devices, the hidden state passed along.
+
+Owns the paper's "MP" / llama.cpp-RPC comparison point: stage r holds whole layers [a_r, b_r) and,
+per step, receives positions + hidden states from stage r-1, runs its layers, and sends them on; the
+last stage returns them to the master (rank 0), which also owns the embedding and LM head. Only one
+stage computes at a time (one request, as in the paper). Uses the same transport and Device as the
+tensor-parallel runtime; must not contain model math.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tpicore.comm.transport import Group
+from tpicore.comm.wire import Kind, parse_json
+from tpicore.engine import Device, ResidentSource, TensorStore
+from tpicore.errors import TpiError
+from tpicore.plan import apportion
+
+
+def plan_stages(n_layers: int, world_size: int, ratios: list[float] | None = None) -> list[range]:
+    """Contiguous layer ranges per stage, proportional to ratios, each at least one layer."""
+    if world_size > n_layers:
+        raise TpiError(f"--devices: {world_size} pipeline stages cannot split {n_layers} layers; "
+                       f"use at most {n_layers} devices")
+    counts = apportion(n_layers, ratios or [1.0] * world_size)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    return [range(int(starts[r]), int(starts[r + 1])) for r in range(world_size)]
+
+
+def make_stage(store: TensorStore, layers: range, max_seq: int, clock=None) -> Device:
+    return Device(store, ResidentSource(store), max_seq, clock=clock, layer_ids=layers)
+
+
+def _send_on(group: Group, dst: int, positions: np.ndarray, x: np.ndarray) -> None:
+    ch = group.channel(dst)
+    ch.send_array(Kind.TENSOR, positions)  # [T] int64
+    ch.send_array(Kind.TENSOR, np.ascontiguousarray(x))  # [T, D] float32
+
+
+def stage_loop(group: Group, dev: Device) -> dict:
+    """A worker stage: serve steps from the previous stage until a stop comes down the pipeline."""
+    r, n = group.rank, group.world_size
+    prev = group.channel(r - 1)
+    nxt = (r + 1) % n
+    while True:
+        hdr, payload = prev.recv_any((Kind.CONTROL, Kind.TENSOR))
+        if hdr.kind == Kind.CONTROL:
+            if parse_json(payload, prev.peer).get("op") != "stop":
+                raise TpiError(f"rank {r}: unexpected control message from {prev.peer}")
+            if nxt:
+                group.channel(nxt).send_json(Kind.CONTROL, {"op": "stop"})
+            break
+        positions = payload.reshape(-1)  # [T] int64
+        x = prev.recv_array(Kind.TENSOR)  # [T, D]
+        x = dev.layers(x, int(positions[0]))
+        _send_on(group, nxt, positions, x)
+    return {"rank": r, "timers": dev.timers.snapshot()}
+
+
+class PipelineMaster:
+    """Rank 0: embedding, the first stage's layers, and the LM head."""
+
+    def __init__(self, group: Group, dev: Device) -> None:
+        self.group, self.dev = group, dev
+
+    def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
+        dev, n = self.dev, self.group.world_size
+        x = dev.layers(dev.embed(ids), pos)  # [T] -> [T, D] through stage 0
+        if n > 1:
+            t0 = dev.clock.now()
+            _send_on(self.group, 1, np.arange(pos, pos + len(ids), dtype=np.int64), x)
+            last = self.group.channel(n - 1)
+            last.recv_array(Kind.TENSOR)  # positions echo
+            x = last.recv_array(Kind.TENSOR)
+            dev.timers.comm_s += dev.clock.now() - t0  # includes the other stages' compute (they run in turn)
+        return dev.head(x if all_logits else x[-1:])
+
+    def finish(self) -> None:
+        if self.group.world_size > 1:  # the stop travels down the pipeline like a step
+            self.group.channel(1).send_json(Kind.CONTROL, {"op": "stop"})
+
+
+def _local_stage_main(rank: int, addr: str, model_dir: str, world_size: int, layers: range, max_seq: int,
+                      secret: bytes, fingerprint: str, timeout_s: float) -> None:
+    import os
+    import sys
+
+    from tpicore.parallel import set_blas_threads
+
+    set_blas_threads(1)
+    try:
+        store = TensorStore.from_model_dir(model_dir)
+        group = Group.worker(rank, addr, world_size=world_size, secret=secret, fingerprint=fingerprint,
+                             timeout_s=timeout_s)
+        try:
+            stage_loop(group, make_stage(store, layers, max_seq))
+        finally:
+            group.close()
+    except TpiError as e:
+        print(f"error: rank {rank}: {e}", file=sys.stderr)
+        os._exit(2)
+    os._exit(0)
+
+
+def run_local(model_dir: str, world_size: int, prompt_ids: list[int], max_new_tokens: int,
+              ratios: list[float] | None = None, timeout_s: float = 30.0, keep_logits: bool = False):
+    """Generate with a local pipeline of `world_size` processes (tests and benchmarks)."""
+    import secrets
+
+    from tpicore.comm.transport import open_listener
+    from tpicore.generate import generate
+    from tpicore.parallel import LocalWorkers
+
+    store = TensorStore.from_model_dir(model_dir)
+    store.check()
+    stages = plan_stages(store.cfg.num_hidden_layers, world_size, ratios)
+    max_seq = len(prompt_ids) + max_new_tokens
+    secret, fp = secrets.token_bytes(32), "pipeline:" + os.path.abspath(model_dir)
+    listener = open_listener("127.0.0.1", 0)
+    addr = "127.0.0.1:%d" % listener.getsockname()[1]
+    workers = LocalWorkers()
+    group = None
+    try:
+        workers.start(_local_stage_main, {r: (r, addr, model_dir, world_size, stages[r], max_seq, secret, fp, timeout_s)
+                                          for r in range(1, world_size)})
+        group = Group.master(world_size, secret=secret, fingerprint=fp, timeout_s=timeout_s, listener=listener,
+                             mesh=True)
+        master = PipelineMaster(group, make_stage(store, stages[0], max_seq))
+        gen = generate(master.step, prompt_ids, max_new_tokens, max_seq=max_seq, keep_logits=keep_logits)
+        master.finish()
+        return gen
+    finally:
+        if group is not None:
+            group.close()
+        workers.close()
