@@ -8,7 +8,9 @@ DEVICES ?= 8
 LATENCY ?= 5ms
 BANDWIDTH ?= 300mbps
 MODEL ?=
-WINDOW ?= 2
+# WINDOW: sliding window in blocks (>= 2), or none = weights resident (the default until the scheduler
+# charges disk loads to the virtual clock; `WINDOW=2 CLOCK=wall` works now)
+WINDOW ?= none
 ALLREDUCE ?= star
 CLOCK ?= virtual
 
@@ -28,7 +30,7 @@ test: $(STAMP)
 
 emulate: $(STAMP)
 	$(BIN)/python -m emulator emulate --devices $(DEVICES) --latency $(LATENCY) --bandwidth $(BANDWIDTH) \
-		--window $(WINDOW) --allreduce $(ALLREDUCE) --clock $(CLOCK) $(if $(MODEL),--model $(MODEL),)
+		$(if $(WINDOW),--window $(WINDOW),) --allreduce $(ALLREDUCE) --clock $(CLOCK) $(if $(MODEL),--model $(MODEL),)
 
 reproduce: $(STAMP)
 	$(BIN)/python -m emulator reproduce

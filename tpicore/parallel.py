@@ -62,11 +62,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None) -> Device:
+def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None,
+                disk_read_mbps: float | None = None) -> Device:
+    """This rank's Device. `clock` and `disk_read_mbps` (the emulated device's disk, megabits/s) come
+    from the emulator: with a window, a virtual clock or a modelled disk are handed to the scheduler
+    (`WindowSource(clock=, disk_read_mbps=)`), which charges each load bytes / bandwidth on the loader's
+    own timeline. Without them the scheduler reads at the host's speed in real time."""
     from tpicore.session import make_source
 
-    source = make_source(store, opts.window, opts.retain_every, read_delay_s=opts.read_delay_s) \
-        if opts.window else make_source(store, None)
+    if opts.window:
+        disk = {}
+        if disk_read_mbps is not None or getattr(clock, "virtual", False):
+            disk = {"clock": clock, "disk_read_mbps": disk_read_mbps}
+        source = make_source(store, opts.window, opts.retain_every, read_delay_s=opts.read_delay_s, **disk)
+    else:
+        source = make_source(store, None)
     dev = Device(store, source, opts.max_seq, allreduce, clock)
     dev.timers.trace = opts.trace
     return dev
@@ -76,14 +86,21 @@ def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None) -> 
 # worker side
 
 
-def worker_loop(group: Group, store: TensorStore, clock=None) -> dict:
-    """Serve steps until the master says stop; returns this rank's report (also sent to the master)."""
+def rank_report(rank: int, dev: Device, opts: RunOptions) -> dict:
+    """What a rank tells the master: peak RSS, time split totals, trace events."""
+    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(), "timers": dev.timers.snapshot(),
+            "events": dev.timers.events if opts.trace else []}
+
+
+def worker_loop(group: Group, store: TensorStore, clock=None, disk_read_mbps: float | None = None) -> dict:
+    """Serve steps until the master says stop; returns this rank's report (also sent to the master).
+    A "report" control message is answered with the report so far, and serving goes on."""
     master = group.channel(0)
     setup = master.recv_json(Kind.CONTROL)
     if setup.get("op") != "setup":
         raise TpiError(f"rank {group.rank}: expected a setup message from the master, got {setup.get('op')!r}")
     opts = RunOptions(**setup["options"])
-    dev = make_device(store, opts, C.Collective(group, opts.allreduce), clock)
+    dev = make_device(store, opts, C.Collective(group, opts.allreduce), clock, disk_read_mbps)
     try:
         while True:
             hdr, payload = master.recv_any((Kind.CONTROL, Kind.TENSOR))
@@ -91,12 +108,14 @@ def worker_loop(group: Group, store: TensorStore, clock=None) -> dict:
                 op = parse_json(payload, master.peer).get("op")
                 if op == "stop":
                     break
+                if op == "report":  # between generations (the emulator's per-run split)
+                    master.send_json(Kind.CONTROL, {"op": "report", **rank_report(group.rank, dev, opts)})
+                    continue
                 raise TpiError(f"rank {group.rank}: unexpected control message {op!r} from the master")
             positions = payload.reshape(-1)  # [T] int64: positions only, never token ids
             x = C.broadcast(group, None, root=0)  # [T, D] hidden states
             dev.layers(x, int(positions[0]))
-        report = {"rank": group.rank, "peak_rss_bytes": peak_rss_bytes(), "timers": dev.timers.snapshot(),
-                  "events": dev.timers.events if opts.trace else []}
+        report = rank_report(group.rank, dev, opts)
         master.send_json(Kind.CONTROL, {"op": "report", **report})
         return report
     finally:
@@ -104,7 +123,8 @@ def worker_loop(group: Group, store: TensorStore, clock=None) -> dict:
 
 
 def run_worker(rank: int, master_addr: str, shard_dir: str, secret: bytes | None, timeout_s: float,
-               blas_threads: int | None = None, link_hook=None, clock=None) -> dict:
+               blas_threads: int | None = None, link_hook=None, clock=None,
+               disk_read_mbps: float | None = None) -> dict:
     if blas_threads:
         set_blas_threads(blas_threads)
     store = TensorStore.from_shard_dir(shard_dir)
@@ -116,7 +136,7 @@ def run_worker(rank: int, master_addr: str, shard_dir: str, secret: bytes | None
     if link_hook is not None:
         group.link_hook = link_hook
     try:
-        return worker_loop(group, store, clock)
+        return worker_loop(group, store, clock, disk_read_mbps)
     finally:
         group.close()
 
@@ -169,12 +189,13 @@ class LocalWorkers:
 class Master:
     """Rank 0: owns the group, its own shard, the embedding and the LM head."""
 
-    def __init__(self, group: Group, store: TensorStore, opts: RunOptions, clock=None) -> None:
+    def __init__(self, group: Group, store: TensorStore, opts: RunOptions, clock=None,
+                 disk_read_mbps: float | None = None) -> None:
         self.group, self.store, self.opts = group, store, opts
         self.cfg = store.cfg
         for r in range(1, group.world_size):
             group.channel(r).send_json(Kind.CONTROL, {"op": "setup", "options": opts.to_json()})
-        self.device = make_device(store, opts, C.Collective(group, opts.allreduce), clock)
+        self.device = make_device(store, opts, C.Collective(group, opts.allreduce), clock, disk_read_mbps)
         self.step_times: list[dict[str, float]] = []
         self.reports: list[dict] = []
 
@@ -197,15 +218,21 @@ class Master:
 
     def finish(self) -> list[dict]:
         """Stop the workers and collect their reports (peak RSS, time split, trace events)."""
+        self.reports = self._gather("stop")
+        return self.reports
+
+    def collect(self) -> list[dict]:
+        """Every rank's report so far, the workers still serving (totals: diff two for one run)."""
+        return self._gather("report")
+
+    def _gather(self, op: str) -> list[dict]:
         for r in range(1, self.group.world_size):
-            self.group.channel(r).send_json(Kind.CONTROL, {"op": "stop"})
-        reports = [{"rank": 0, "peak_rss_bytes": peak_rss_bytes(), "timers": self.device.timers.snapshot(),
-                    "events": self.device.timers.events}]
+            self.group.channel(r).send_json(Kind.CONTROL, {"op": op})
+        reports = [{**rank_report(0, self.device, self.opts), "events": self.device.timers.events}]
         for r in range(1, self.group.world_size):
             msg = self.group.channel(r).recv_json(Kind.CONTROL)
             msg.pop("op", None)
             reports.append(msg)
-        self.reports = reports
         return reports
 
     def close(self) -> None:
