@@ -64,6 +64,7 @@ class TensorStore:
         self.ckpt, self.cfg, self.layout = ckpt, cfg, layout
         self.layer_map = layer_map or list(range(cfg.num_hidden_layers))
         self.fingerprint, self.root = fingerprint, root
+        self.note = ""  # e.g. "synthetic model with K distinct layers ...: outputs are meaningless"
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> "TensorStore":
@@ -78,8 +79,10 @@ class TensorStore:
         cfg = ModelConfig.from_dict(man["config"], source=os.path.join(shard_dir, "manifest.json"),
                                     generation=man.get("generation_config"))
         files = [os.path.join(shard_dir, f) for f in man["files"]]
-        return cls(Checkpoint(files, shard_dir), cfg, Layout.from_json(man["layout"]), man.get("layer_map"),
-                   man["fingerprint"], shard_dir)
+        store = cls(Checkpoint(files, shard_dir), cfg, Layout.from_json(man["layout"]), man.get("layer_map"),
+                    man["fingerprint"], shard_dir)
+        store.note = (man.get("synthetic") or {}).get("note", "")
+        return store
 
     def name(self, layer: int, leaf: str) -> str:
         return f"model.layers.{self.layer_map[layer]}.{leaf}"
@@ -224,6 +227,8 @@ class Device:
         self.max_seq = max_seq
         self.clock = clock or WallClock()
         self.timers = Timers()
+        if hasattr(source, "attach"):  # the window scheduler books loads, stalls and trace events here
+            source.attach(self.timers)
         self._allreduce = allreduce
         # the layers this device runs: all of them (tensor parallel), or a pipeline stage's range
         self.layer_ids = layer_ids if layer_ids is not None else range(self.cfg.num_hidden_layers)
@@ -310,6 +315,16 @@ class Device:
         """Single-device forward: ids [T] -> logits [T, V] (or [1, V] for the last position)."""
         x = self.layers(self.embed(ids), pos)
         return self.head(x if all_logits else x[-1:])
+
+    def report(self) -> dict:
+        """Peak RSS, page cache held by this device's weight files (reported apart), time split, and
+        the window scheduler's per-block averages / steady-condition checks (empty without it)."""
+        from tpicore.memory import memory_report
+
+        files = sorted({info.path for info in self.store.ckpt.tensors.values()})
+        mem = memory_report(files)
+        return {"peak_rss_bytes": mem["peak_rss_bytes"], "memory": mem, "timers": self.timers.snapshot(),
+                "window": self.timers.window}
 
     def close(self) -> None:
         self.source.close()

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     with Session.open(args) as session:
         cfg = session.cfg
+        if session.store.note:
+            print(f"note: {session.store.note}", file=sys.stderr)
         tok = load_tokenizer(session.tokenizer_dir, required=args.prompt is not None)
         if args.prompt is not None:
             text = args.prompt

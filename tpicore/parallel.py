@@ -88,8 +88,7 @@ def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None,
 
 def rank_report(rank: int, dev: Device, opts: RunOptions) -> dict:
     """What a rank tells the master: peak RSS, time split totals, trace events."""
-    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(), "timers": dev.timers.snapshot(),
-            "events": dev.timers.events if opts.trace else []}
+    return {"rank": rank, **dev.report(), "events": dev.timers.events if opts.trace else []}
 
 
 def worker_loop(group: Group, store: TensorStore, clock=None, disk_read_mbps: float | None = None) -> dict:
@@ -342,7 +341,9 @@ class ParallelSession:
         steps = self.master.step_times
         return {
             "devices": self.args.devices, "allreduce": self.args.allreduce,
-            "per_rank": [{"rank": r["rank"], "peak_rss_bytes": r["peak_rss_bytes"], **r["timers"]} for r in reports],
+            "per_rank": [{"rank": r["rank"], "peak_rss_bytes": r["peak_rss_bytes"],
+                          "page_cache_bytes": r["memory"].get("page_cache_bytes", 0), **r["timers"],
+                          "window": r.get("window", {})} for r in reports],
             "per_token": steps,
         }
 

@@ -75,7 +75,8 @@ class LocalSession:
         return self.device.step(ids, pos, all_logits)
 
     def report(self) -> dict:
-        return {"devices": 1, "timers": self.device.timers.snapshot()}
+        rep = self.device.report()
+        return {"devices": 1, "memory": rep["memory"], "timers": rep["timers"], "window": rep["window"]}
 
     def write_trace(self, path: str) -> None:
         events = self.device.timers.events

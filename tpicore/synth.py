@@ -722,6 +722,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="SIZE", help="start a new .safetensors file past this size (default 2GiB)")
     parser.add_argument("--shards", type=int, metavar="N", help="force about N weight files (for tests)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    huge = parser.add_argument_group("huge shapes on a small disk (per-device shard folders)")
+    huge.add_argument("--devices", type=int, metavar="N", help="write N per-device shard folders directly")
+    huge.add_argument("--unique-layers", type=int, metavar="K",
+                      help="store K distinct layers and map the rest onto them (needs --devices)")
+    huge.add_argument("--ratios", help="per-device share with --devices, e.g. 3,2,2,1")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -731,6 +736,20 @@ def run(args: argparse.Namespace) -> int:
             raise TpiError(f"--layers must be at least 1, got {args.layers}")
         config["num_hidden_layers"] = args.layers
     t0 = time.monotonic()
+    if args.unique_layers is not None and args.devices is None:
+        raise TpiError("--unique-layers needs --devices (it writes per-device shard folders)")
+    if args.devices is not None:
+        from tpicore.plan import parse_ratios
+        from tpicore.unique_synth import NOTE, write_unique_shards
+
+        L = config["num_hidden_layers"]
+        k = args.unique_layers or L
+        dirs = write_unique_shards(config, args.out, args.devices, k, dtype=args.dtype, seed=args.seed,
+                                   ratios=parse_ratios(args.ratios, args.devices), force=args.force,
+                                   quiet=args.quiet)
+        print(f"wrote {len(dirs)} shard folders to {args.out} in {time.monotonic() - t0:.1f} s"
+              + (f"; note: {NOTE.format(k=k, l=L)}" if k < L else ""))
+        return 0
     out = write_checkpoint(config, args.out, dtype=args.dtype, seed=args.seed, force=args.force,
                            max_shard_bytes=args.max_shard_bytes, num_shards=args.shards,
                            progress=False if args.quiet else None)
