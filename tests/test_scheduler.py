@@ -296,3 +296,22 @@ def test_virtual_clock_charges_modelled_loads(hf_models):
     assert dev.timers.stall_s == pytest.approx(clock.now(), rel=1e-9)
     with pytest.raises(TpiError, match="disk_read_mbps"):
         WindowSource(store, window=2, disk_read_mbps=0)
+
+
+def test_synth_unique_layers_cli_says_outputs_are_meaningless(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tpicore.cli import main
+
+    out = tmp_path / "u"
+    assert main(["synth", "tiny", "--layers", "3", "--devices", "2", "--unique-layers", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    man = json.loads((out / "rank-1" / "manifest.json").read_text())
+    assert man["layer_map"] == [0, 0, 0] and man["world_size"] == 2
+    r = subprocess.run([sys.executable, "-m", "tpicore", "generate", "--shards", str(out), "--devices", "2",
+                        "--window", "2", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "meaningless" in r.stderr and len(json.loads(r.stdout)["tokens"]) == 2
