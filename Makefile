@@ -8,9 +8,8 @@ DEVICES ?= 8
 LATENCY ?= 5ms
 BANDWIDTH ?= 300mbps
 MODEL ?=
-# WINDOW: sliding window in blocks (>= 2), or none = weights resident (the default until the scheduler
-# charges disk loads to the virtual clock; `WINDOW=2 CLOCK=wall` works now)
-WINDOW ?= none
+# WINDOW: sliding window in blocks (>= 2; the paper's default 2), or none = all weights resident
+WINDOW ?= 2
 ALLREDUCE ?= star
 CLOCK ?= virtual
 
