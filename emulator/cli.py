@@ -1,13 +1,19 @@
 """`python -m emulator`: run emulation experiments.
 
-    python -m emulator run CONFIG.yaml [--set KEY=VALUE ...]     one experiment (a run config, see run_config.py)
+    python -m emulator run CONFIG.yaml [--set KEY=VALUE ...]     one run config (see run_config.py), or an
+                                                                 experiment file (base + sweep, see
+                                                                 experiments.py; --smoke: its tiny variant)
     python -m emulator emulate [--devices 8 --latency 5ms ...]   configs/emulate.yaml with flag overrides
                                                                  (what `make emulate` runs)
+    python -m emulator reproduce [--only a,b] [--smoke]          every configs/experiments/*.yaml, then the
+                                                                 figures (what `make reproduce` runs)
+    python -m emulator plot --all | --experiment NAME            figures from results/*.jsonl (emulator/plot.py)
 
-Both print progress on stderr, append one JSON line per run to results/<name>.jsonl and print the
-summary table on stdout. Exit codes: 0 runs completed (an OOM is a recorded result), 1 a device crashed
-(recorded), 2 bad config or setup error (one `error: ...` line, nothing recorded), 130 Ctrl-C, 143 SIGTERM.
-This file only parses flags; the work is in emulator.launcher.
+A run config prints progress on stderr, appends one JSON line per run to results/<name>.jsonl and prints
+the summary table on stdout; an experiment prints one line per sweep point and writes
+results/<name>.jsonl when its sweep is done. Exit codes: 0 runs completed (an OOM is a recorded result),
+1 a device crashed (recorded), 2 bad config or setup error (one `error: ...` line, nothing recorded),
+130 Ctrl-C, 143 SIGTERM. This file only parses flags; the work is in emulator.launcher / experiments.
 """
 
 from __future__ import annotations
@@ -40,9 +46,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m emulator", description="TPI-LLM emulation testbed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run one experiment from a run config YAML")
+    run = sub.add_parser("run", help="run one run config, or every point of an experiment file")
     run.add_argument("config", metavar="CONFIG.yaml")
+    run.add_argument("--smoke", action="store_true", help="experiment files: the tiny variant (seconds; results "
+                                                          "to .cache/smoke-results/ unless --results)")
+    run.add_argument("--verbose", action="store_true", help="experiment files: each point's own progress too")
     _common(run)
+    rep = sub.add_parser("reproduce", help="every experiment in configs/experiments/, then the figures")
+    rep.add_argument("--only", metavar="NAMES", help="comma-separated experiment names (file stems)")
+    rep.add_argument("--smoke", action="store_true", help="the tiny variants (results to .cache/smoke-results/ "
+                                                          "unless --results)")
+    rep.add_argument("--no-plot", action="store_true", help="do not draw the figures afterwards")
+    rep.add_argument("--verbose", action="store_true", help="each point's own progress too")
+    rep.add_argument("--results", metavar="DIR", help="results folder (default: results/ in the checkout)")
+    rep.add_argument("--cache-dir", metavar="DIR", help="synthesized models, shards, device logs "
+                                                        "(default: .cache/ in the checkout)")
     em = sub.add_parser("emulate", help="the default experiment (configs/emulate.yaml) with flag overrides")
     em.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config to start from (default: %(default)s)")
     em.add_argument("--devices", type=int, help="number of devices (devices.count)")
@@ -53,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--clock", choices=("virtual", "wall"))
     em.add_argument("--model", help="a checkpoint folder, or a synth preset name (e.g. small-100m)")
     _common(em)
+    from emulator import plot
+
+    plot.add_arguments(sub.add_parser("plot", help="figures from results/*.jsonl (emulator/plot.py)"))
     return parser
 
 
@@ -87,8 +108,47 @@ def overrides_for(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "plot":
+        from emulator import plot
+
+        return plot.run(args)
     from emulator.launcher import EXIT_INTERRUPTED, EXIT_SETUP, Experiment
     from emulator.run_config import load_run_config
+
+    if args.command == "reproduce":
+        from emulator.experiments import reproduce
+
+        try:
+            only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+            return reproduce(only, smoke=args.smoke, results_dir=args.results, cache_dir=args.cache_dir,
+                             verbose=args.verbose, plot=not args.no_plot)
+        except TpiError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_SETUP
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    if args.command == "run":
+        from emulator.experiments import is_experiment_file, run_experiment
+
+        if is_experiment_file(args.config):
+            if args.name or args.mem_cap or args.cgroup_root:
+                print("error: --name/--mem-cap/--cgroup-root: not for experiment files (use --set options.mem_cap=...)",
+                      file=sys.stderr)
+                return EXIT_SETUP
+            try:
+                out = run_experiment(args.config, args.results, args.cache_dir, smoke=args.smoke,
+                                     overrides=overrides_for(args), verbose=args.verbose and not args.quiet)
+            except TpiError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_SETUP
+            except KeyboardInterrupt:
+                print("error: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            return EXIT_INTERRUPTED if out.interrupted else (1 if out.failed else 0)
+        if args.smoke:
+            print(f"error: --smoke: {args.config} is a run config, not an experiment file", file=sys.stderr)
+            return EXIT_SETUP
 
     try:
         cfg = load_run_config(args.config, overrides_for(args))

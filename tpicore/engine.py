@@ -129,8 +129,9 @@ class TensorStore:
     def load(self, name: str) -> np.ndarray:
         """A float32 tensor: f32 stays a zero-copy memory map; f16/bf16 are upcast into RAM."""
         info = self.ckpt.info(name)
-        raw = self.ckpt.raw(name)
-        return raw if info.dtype == "F32" else to_f32(raw, info.dtype)
+        if info.dtype == "F32":
+            return self.ckpt.raw(name)  # zero-copy memory map
+        return to_f32(self.ckpt.read(name), info.dtype)
 
     def block_nbytes(self, block: Block) -> int:
         """Stored bytes of one block's tensors (a head chunk counts only its rows)."""
