@@ -2,14 +2,19 @@
 
     python -m emulator run CFG.yaml (this module, the supervisor)
       | model: synthesize once into .cache/models/, shard once into .cache/shards/   (in a short-lived
-      |        child process, so the supervisor -- and every device forked from it -- stays small)
+      |        child process, so the supervisor -- and every device forked from it -- stays small);
+      |        unique-layer models (model.unique_layers) are written as shard folders directly
+      |        (.cache/models/unique-*, least recently used ones evicted to stay within a disk budget)
       | LinkSchedule (shared link reservations), a listener for the master, a fresh secret
       | fork d0..dN-1 in rank order; each waits at its gate until its limits are in place:
       |   MemoryWatchdog per pid (default), or a DeviceCgroup per device under --cgroup-root
-      |                                  d0 = master: Group.master + Master; runs the prompt set
+      |                                  d0 = master: the mode's driver (emulator/baselines.py: tensor
+      |                                       parallel Master, pipeline stage 0, or one device alone);
+      |                                       runs the prompt set
       |   <---- JSON lines on a pipe --- {"ev": "token"} progress, {"ev": "run"} one per run,
       |                                  {"ev": "error"}, {"ev": "done"}      (never pickled data)
-      |                                  d1.. = workers: tpicore.parallel.run_worker until "stop"
+      |                                  d1.. = workers: tpicore.parallel.run_worker (tpi, galaxy) or
+      |                                       baselines.pipeline_worker (pipeline) until "stop"
       | one results line per "run" event (+ peak RSS read from /proc/PID/status)
       | finally, whatever happened (done, Ctrl-C, SIGTERM, OOM, crash): kill and reap every device,
       |   stop the watchdogs, remove the cgroups and the link schedule
@@ -19,6 +24,7 @@ Every device process: CPU limits first (wall clock: affinity to its share of the
 many BLAS threads; virtual clock: 1 BLAS thread, since thread CPU time counts the calling thread
 only), then its clock (WallClock, or VirtualClock(speed) -- with compute: free one whose CPU time
 never advances), a LinkShaper on that clock as the group's link hook, its shard from the cache.
+The one-device modes (standalone, offload, standalone+ms) start d0 only.
 
 Exit codes: 0 when every run completed or a device ran out of memory (an OOM is a result: it is
 recorded and reported); 1 when a device crashed (recorded too); 2 for setup and config errors
@@ -94,23 +100,179 @@ def resolve_model(spec: ModelSpec, cache_dir: Path, quiet: bool = False) -> str:
     return str(out)
 
 
+# Unique-layer models are big even with few layers stored (a 70B-shaped one: 3.4 GB per stored layer +
+# the embedding and head); the disk is shared, so folders are evicted, least recently used first, to
+# keep this much free and the folders within this budget (bytes; environment variables in GB).
+DISK_RESERVE = int(float(os.environ.get("TPI_EMU_DISK_RESERVE_GB", "8")) * 1e9)
+UNIQUE_CACHE_BUDGET = int(float(os.environ.get("TPI_EMU_CACHE_GB", "30")) * 1e9)
+
+
+def _family(spec: ModelSpec, world_size: int, ratios: list[float] | None) -> str:
+    """Folders of one family hold the same tensors and differ only in the layer count (the manifest)."""
+    doc = {"model": {**asdict(spec), "layers": None}, "world_size": world_size, "ratios": ratios}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def unique_cache_dir(spec: ModelSpec, world_size: int, ratios: list[float] | None, cache_dir: Path) -> Path:
+    from tpicore.synth import PRESETS
+
+    layers = spec.layers or PRESETS[spec.synth]["num_hidden_layers"]
+    return cache_dir / "models" / (f"unique-{spec.synth}-{spec.unique_layers}of{layers}-{spec.dtype}-s{spec.seed}"
+                                   f"-n{world_size}-{_family(spec, world_size, ratios)}")
+
+
+def derive_layers(src: Path, out: Path, layers: int, unique: int) -> None:
+    """A unique-layer folder for another layer count from one of the same family: the stored tensors are
+    the same (K layers + embedding + head), so the shard files are hard-linked and only the manifests
+    (config, layer_map, fingerprint) and rank 0's config.json are rewritten. Atomic like the writer."""
+    import shutil
+
+    from tpicore.shard import MANIFEST_FILE, manifest_text
+    from tpicore.unique_synth import NOTE
+
+    tmp = Path(f"{out}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rank_dir in sorted(src.glob("rank-*")):
+            dst = tmp / rank_dir.name
+            dst.mkdir(parents=True)
+            man = json.loads((rank_dir / MANIFEST_FILE).read_text())
+            for f in rank_dir.iterdir():
+                if f.name not in (MANIFEST_FILE, "config.json"):
+                    os.link(f, dst / f.name)
+            man["config"] = dict(man["config"], num_hidden_layers=layers)
+            man["layer_map"] = [layer % unique for layer in range(layers)]
+            man["fingerprint"] = hashlib.sha256(f"{man['fingerprint']}:{layers}".encode()).hexdigest()
+            man["synthetic"] = dict(man.get("synthetic") or {}, note=NOTE.format(k=unique, l=layers),
+                                    derived_from=src.name)  # the shard file's own metadata names src's count
+            (dst / MANIFEST_FILE).write_text(manifest_text(man))
+            if (rank_dir / "config.json").exists():
+                (dst / "config.json").write_text(json.dumps(man["config"], indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _unique_config(spec: ModelSpec) -> dict:
+    from tpicore.synth import preset_config
+
+    config = preset_config(spec.synth)
+    if spec.layers:
+        config["num_hidden_layers"] = spec.layers
+    return config
+
+
+def unique_bytes(spec: ModelSpec) -> int:
+    """Stored bytes of a unique-layer model (every rank's folder together): K layers + embedding + head."""
+    import math
+
+    from tpicore.synth import DTYPES, checkpoint_tensors
+
+    config = dict(_unique_config(spec), num_hidden_layers=spec.unique_layers)
+    return sum(math.prod(shape) for _, shape in checkpoint_tensors(config)) * DTYPES[spec.dtype][2]
+
+
+def _folder_bytes(path: Path) -> int:
+    """Disk bytes of a folder, hard-linked files shared among their links."""
+    return sum(st.st_size // st.st_nlink for f in path.rglob("*") if f.is_file() for st in [f.stat()])
+
+
+def make_room(models_root: Path, need: int, keep: Path | None = None, quiet: bool = True) -> None:
+    """Delete least recently used unique-layer folders until `need` bytes fit the disk reserve and the
+    cache budget; TpiError if they cannot."""
+    import shutil
+
+    models_root.mkdir(parents=True, exist_ok=True)
+    folders = [p for p in models_root.glob("unique-*") if p.is_dir() and p != keep
+               and ".tmp-" not in p.name and ".old-" not in p.name]
+    folders.sort(key=lambda p: p.stat().st_mtime)  # least recently used first (touched on every use)
+    sizes = {p: _folder_bytes(p) for p in folders}
+    while folders and (shutil.disk_usage(models_root).free < need + DISK_RESERVE
+                       or sum(sizes.values()) + need > UNIQUE_CACHE_BUDGET):
+        victim = folders.pop(0)
+        if not quiet:
+            print(f"model: evicting {victim.name} ({sizes[victim] / 1e9:.1f} GB) to make room", file=sys.stderr)
+        shutil.rmtree(victim, ignore_errors=True)
+        sizes.pop(victim)
+    free = shutil.disk_usage(models_root).free
+    if free < need + DISK_RESERVE:
+        raise TpiError(f"{models_root}: not enough free disk for a {need / 1e9:.1f} GB model: {free / 1e9:.1f} GB "
+                       f"free, {DISK_RESERVE / 1e9:.0f} GB kept in reserve (TPI_EMU_DISK_RESERVE_GB)")
+
+
+def unique_shards(spec: ModelSpec, world_size: int, ratios: list[float] | None, cache_dir: Path,
+                  quiet: bool = True, write: bool = True) -> list[str]:
+    """Per-device shard folders of a unique-layer model for `world_size` devices, written once."""
+    import fcntl
+
+    out = unique_cache_dir(spec, world_size, ratios, cache_dir)
+    dirs = [str(out / f"rank-{r}") for r in range(world_size)]
+
+    def complete() -> bool:
+        return all(os.path.isfile(os.path.join(d, "manifest.json")) for d in dirs)
+
+    if not complete():
+        if not write:
+            raise TpiError(f"{out}: unique-layer shards missing")
+        from tpicore.unique_synth import write_unique_shards
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{out}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not complete():
+                family = [p for p in out.parent.glob(f"unique-{spec.synth}-{spec.unique_layers}of*-*-"
+                                                     f"{out.name.rsplit('-', 1)[1]}")
+                          if p != out and ".tmp-" not in p.name and (p / "rank-0" / "manifest.json").is_file()
+                          and all((p / f"rank-{r}" / "manifest.json").is_file() for r in range(world_size))]
+                if family:  # same tensors, another layer count: link, do not write again
+                    import shutil
+
+                    shutil.rmtree(out, ignore_errors=True)
+                    derive_layers(family[0], out, _unique_config(spec)["num_hidden_layers"], spec.unique_layers)
+                else:
+                    make_room(out.parent, unique_bytes(spec), keep=out, quiet=quiet)
+                    if not quiet:
+                        print(f"model: writing {spec.synth} with {spec.unique_layers} unique layers for {world_size} "
+                              f"device{'s' * (world_size != 1)} into {out}", file=sys.stderr)
+                    write_unique_shards(_unique_config(spec), str(out), world_size, spec.unique_layers,
+                                        dtype=spec.dtype, seed=spec.seed, ratios=ratios, force=out.exists(),
+                                        quiet=quiet)
+    os.utime(out)  # least recently used goes first
+    return dirs
+
+
 def prepare(cfg: RunConfig, cache_dir: Path, quiet: bool) -> tuple[str, list[str]]:
-    """Synthesize and shard in a child process (the writers' buffers never enter the supervisor, whose
-    memory every device inherits), then resolve the now-cached paths here."""
+    """The model folder (its config.json) and each rank's folder: tensor parallel ranks get their shard
+    folder; pipeline stages and one-device modes read the whole model (a checkpoint folder, or the
+    one-device shard folder of a unique-layer model). Synthesis and sharding run in a child process
+    (the writers' buffers never enter the supervisor, whose memory every device inherits)."""
     from tpicore.shard import cached_shards
 
+    spec, n, tp = cfg.model, cfg.world_size, cfg.options.tensor_parallel
+    world = n if tp else 1  # what the weights are split for
+    ratios = cfg.ratios() if tp else None
+
     def work() -> None:
-        model = resolve_model(cfg.model, cache_dir, quiet)
-        cached_shards(model, cfg.world_size, cfg.ratios(), cache_root=str(cache_dir / "shards"), quiet=quiet)
+        if spec.unique:
+            unique_shards(spec, world, ratios, cache_dir, quiet)
+            return
+        model = resolve_model(spec, cache_dir, quiet)
+        if tp:
+            cached_shards(model, n, ratios, cache_root=str(cache_dir / "shards"), quiet=quiet)
 
     try:
         _in_child(work)
     except TpiError as e:
-        what = cfg.model.synth or cfg.model.path
-        raise TpiError(f"{cfg.source}: model {what} on {cfg.world_size} devices: {e}") from None
-    model = resolve_model(cfg.model, cache_dir, quiet=True)
-    return model, cached_shards(model, cfg.world_size, cfg.ratios(), cache_root=str(cache_dir / "shards"),
-                                quiet=True)
+        what = spec.synth or spec.path
+        raise TpiError(f"{cfg.source}: model {what} on {n} device{'s' * (n != 1)}: {e}") from None
+    if spec.unique:
+        folders = unique_shards(spec, world, ratios, cache_dir, write=False)
+        return folders[0], folders if tp else [folders[0]] * n
+    model = resolve_model(spec, cache_dir, quiet=True)
+    if tp:
+        return model, cached_shards(model, n, ratios, cache_root=str(cache_dir / "shards"), quiet=True)
+    return model, [model] * n
 
 
 def _in_child(fn: Callable[[], None]) -> None:
@@ -260,6 +422,10 @@ def _device_main(plan: Plan, rank: int, gate_r: int, events_w: int, log_path: st
         shaper = LinkShaper(cfg.topology, plan.schedule, rank, clock, seed=cfg.workload.seed)  # jitter/loss draws
         if rank == 0:
             _master_main(plan, clock, shaper, events_w)
+        elif cfg.options.mode == "pipeline":
+            from emulator.baselines import pipeline_worker
+
+            pipeline_worker(plan, rank, clock, shaper)
         else:
             from tpicore.parallel import run_worker
 
@@ -278,10 +444,8 @@ def _device_main(plan: Plan, rank: int, gate_r: int, events_w: int, log_path: st
 def _master_main(plan: Plan, clock, shaper: LinkShaper, events_w: int) -> None:
     import numpy as np
 
-    from tpicore.comm.transport import Group
-    from tpicore.engine import TensorStore
+    from emulator.baselines import open_driver, open_store
     from tpicore.generate import Sampling, generate
-    from tpicore.parallel import Master, RunOptions
 
     def emit(obj: dict) -> None:
         data = (json.dumps(obj) + "\n").encode()
@@ -290,7 +454,7 @@ def _master_main(plan: Plan, clock, shaper: LinkShaper, events_w: int) -> None:
 
     cfg, n = plan.cfg, plan.cfg.world_size
     try:
-        store = TensorStore.from_shard_dir(plan.shard_dirs[0])
+        store = open_store(plan.shard_dirs[0])
         store.check()
         prompts, max_seq = plan.prompts, plan.max_seq
         if cfg.workload.prompt is not None:
@@ -299,35 +463,41 @@ def _master_main(plan: Plan, clock, shaper: LinkShaper, events_w: int) -> None:
             ids = Tokenizer.from_dir(plan.shard_dirs[0]).encode(cfg.workload.prompt)
             prompts = [ids] * len(prompts)
             max_seq = len(ids) + cfg.workload.new_tokens
-        group = Group.master(n, secret=plan.secret, fingerprint=store.fingerprint, timeout_s=cfg.options.timeout_s,
-                             listener=plan.listener, mesh=cfg.options.allreduce != "star")
-        group.link_hook = shaper
-        opts = RunOptions(max_seq=max_seq, allreduce=cfg.options.allreduce, window=cfg.options.window,
-                          retain_every=cfg.options.retain_every)
-        master = Master(group, store, opts, clock, cfg.topology.devices[0].disk_read_mbps)
+        driver = open_driver(plan, store, max_seq, clock, shaper)
+        before = driver.collect()  # every rank has answered once (its first report sets up what it needs)
         emit({"ev": "ready"})
-        before = master.collect()
         for i, ((length, rep), prompt) in enumerate(zip(cfg.workload.runs, prompts)):
             emit({"ev": "start", "run": i, "prompt_len": len(prompt)})
             t0 = time.perf_counter()
-            gen = generate(master.step, prompt, cfg.workload.new_tokens, Sampling(), (), max_seq,
+            gen = generate(driver.step, prompt, cfg.workload.new_tokens, Sampling(), (), max_seq,
                            on_token=lambda tok, i=i: emit({"ev": "token", "run": i}), now=clock.now)
             wall_s = time.perf_counter() - t0
-            after = master.collect()
-            split = [{k: after[r]["timers"][k] - before[r]["timers"][k] for k in TIMER_KEYS if k in after[r]["timers"]}
-                     for r in range(n)]
-            before = after
+            after = driver.collect()
             emit({"ev": "run", "run": i, "prompt_len": len(prompt), "repetition": rep, "tokens": gen.tokens,
                   "ttft_s": gen.ttft_s, "token_latencies_s": gen.token_latencies_s,
                   "token_latency_s": float(np.mean(gen.token_latencies_s)) if gen.token_latencies_s else None,
-                  "wall_s": wall_s, "time_split": split, "links": shaper.stats()})
-        master.finish()
-        master.close()
-        group.close()
+                  "wall_s": wall_s, "links": shaper.stats(), **run_reports(before, after)})
+            before = after
+        driver.close()
         emit({"ev": "done"})
     except TpiError as e:
         emit({"ev": "error", "message": str(e)})
         raise
+
+
+def run_reports(before: list[dict], after: list[dict]) -> dict:
+    """One run's share of every rank's reports (two collect() answers): time split, the window
+    scheduler's per-step statistics, trace events, page cache held."""
+    split, window, trace, cache = [], [], [], []
+    for b, a in zip(before, after):
+        split.append({k: a["timers"][k] - b["timers"][k] for k in TIMER_KEYS if k in a["timers"]})
+        w = dict(a.get("window") or {})
+        if "steps" in w:
+            w["steps"] = w["steps"][len((b.get("window") or {}).get("steps", [])):]
+        window.append(w)
+        trace.append(a.get("events", [])[len(b.get("events", [])):])
+        cache.append((a.get("memory") or {}).get("page_cache_bytes"))
+    return {"time_split": split, "window": window, "trace": trace, "page_cache_bytes": cache}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,8 +564,11 @@ class Experiment:
     """One run config, start to finish: `Experiment(cfg).run()` -> Outcome (records + exit code)."""
 
     def __init__(self, cfg: RunConfig, results_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-                 progress: bool = True, grace_s: float = 5.0) -> None:
+                 progress: bool = True, grace_s: float = 5.0, point: dict | None = None,
+                 description: str = "") -> None:
         self.cfg = cfg
+        self.point = dict(point or {})  # the sweep point this run belongs to (emulator/experiments.py)
+        self.description = description  # the experiment's, recorded in config (a figure's caption)
         self.results_dir = Path(results_dir) if results_dir else DEFAULT_RESULTS
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
         self.show = progress
@@ -426,12 +599,17 @@ class Experiment:
             raise TpiError(f"{cfg.source}: workload: prompt of {self.max_seq - cfg.workload.new_tokens} + "
                            f"{cfg.workload.new_tokens} new tokens exceeds the model's context of {max_pos}")
         self.caps = {d.name: cfg.options.mem_cap or d.mem_bytes for d in cfg.topology.devices}
+        from emulator.baselines import resident_extra_bytes
+
+        self.resident_extra = resident_extra_bytes(cfg, self.shard_dirs)
         self.config_json = self._resolved_config()
 
     def _resolved_config(self) -> dict:
         cfg = self.cfg
         c = self.model_config
         doc = cfg.to_json()
+        if self.description:
+            doc["description"] = self.description
         doc["model"].update(folder=self.model_dir, shards=os.path.dirname(self.shard_dirs[0]), config={
             k: c.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                   "intermediate_size", "vocab_size", "head_dim", "torch_dtype")})
@@ -442,8 +620,20 @@ class Experiment:
         doc["threads"] = {d.name: device_threads(cfg, r) for r, d in enumerate(cfg.topology.devices)}
         doc["mem_caps_bytes"] = self.caps
         doc["memory_limit"] = "cgroup" if cfg.options.cgroup_root else "watchdog"
+        doc["devices_run"] = [d.name for d in cfg.topology.devices]  # one-device modes: the first alone
         doc["host"] = host_info()
         warnings = []
+        if any(self.resident_extra):
+            warnings.append(f"model with {cfg.model.unique_layers} unique layers and resident weights: peak_mem_bytes "
+                            f"adds the repeated layers a real model would hold to the measured RSS")
+        if cfg.options.tensor_parallel and cfg.options.window and not cfg.options.drop_cache:
+            from dataclasses import fields
+
+            from tpicore.parallel import RunOptions
+
+            if "drop_cache" not in {f.name for f in fields(RunOptions)}:
+                warnings.append("options.drop_cache: false is not supported by tpicore.parallel.RunOptions in this "
+                                "checkout: tensor-parallel windows drop the page cache (same results, more real time)")
         host = doc["host"]["cpus_usable"]
         if cfg.options.clock == "wall" and sum(doc["threads"].values()) > host:
             warnings.append(f"wall clock with {cfg.world_size} devices on {host} cores: devices wait for cores, "
@@ -606,20 +796,25 @@ class Experiment:
 
     def _record(self, ev: dict, oom: list | None = None, error: str | None = None) -> dict:
         names = [d.name for d in self.cfg.topology.devices]
-        peaks = {}
+        peaks, mem = {}, {}
         for rank, name in enumerate(names):
             dog = self.dogs.get(rank)
             peak = dog.peak_rss_bytes if dog else 0
             p = self.procs.get(rank)
             sample = read_rss(p.pid) if p is not None and p.exitcode is None else None
             peaks[name] = max([peak, sample[1] if sample else 0] + [o["rss_bytes"] for o in oom or [] if o["device"] == name])
+            mem[name] = peaks[name] + self.resident_extra[rank]
+        per_rank = {key: {names[r]: v for r, v in enumerate(ev.get(key) or []) if v}
+                    for key in ("window", "trace", "page_cache_bytes")}
         return {
-            "experiment": self.cfg.name, "run": ev["run"], "prompt_len": ev["prompt_len"],
-            "repetition": ev["repetition"], "config": self.config_json, "tokens": ev["tokens"],
-            "ttft_s": ev["ttft_s"], "token_latencies_s": ev["token_latencies_s"],
-            "token_latency_s": ev["token_latency_s"], "peak_rss_bytes": peaks,
+            "experiment": self.cfg.name, "point": self.point, "mode": self.cfg.options.mode, "run": ev["run"],
+            "prompt_len": ev["prompt_len"], "repetition": ev["repetition"], "config": self.config_json,
+            "tokens": ev["tokens"], "ttft_s": ev["ttft_s"], "token_latencies_s": ev["token_latencies_s"],
+            "token_latency_s": ev["token_latency_s"], "peak_rss_bytes": peaks, "peak_mem_bytes": mem,
+            "mem_over_cap": [n for n in names if mem[n] > self.caps[n]],
             "time_split": {names[r]: s for r, s in enumerate(ev["time_split"])},
-            "oom": oom or [], "error": error, "wall_s": ev["wall_s"], "links": ev["links"], "time": utc_now(),
+            "oom": oom or [], "error": error, "wall_s": ev["wall_s"], "links": ev["links"], **per_rank,
+            "time": utc_now(),
         }
 
     # -- teardown ------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 A line (one run = one prompt of one repetition):
 
-    experiment          the run config's name
+    experiment          the run config's name (an experiment's name for every point of its sweep)
+    point               {override key: value} of the sweep point (emulator/experiments.py); {} for a plain run
+    mode                options.mode: tpi | galaxy | pipeline | standalone | offload | standalone+ms
     run, prompt_len, repetition
     config              fully resolved: topology (document, devices, links), model (spec, folder, dims),
                         workload, options, clock, host (cores, memory, Python/NumPy versions, git commit)
@@ -12,8 +14,25 @@ A line (one run = one prompt of one repetition):
     token_latencies_s   each later token's latency; token_latency_s is their mean
     peak_rss_bytes      {device: peak RSS} -- the kernel's high-water mark (VmHWM) of the device
                         process since it started, so it covers the weights' load and every earlier run
-    time_split          {device: {compute_s, comm_s, load_s, stall_s, ...}} this run only, on the
-                        device's clock (compute excludes allreduce time inside blocks)
+    peak_mem_bytes      {device: bytes} the memory to compare with the paper: peak_rss_bytes, plus, for
+                        resident weights of a unique-layer model, the repeated layers a real model
+                        would hold (emulator/baselines.py resident_extra_bytes); equal otherwise
+    mem_over_cap        [device]: peak_mem_bytes above the device's cap -- such a device runs out of
+                        memory (measured ones are also in `oom`; extrapolated ones ran to the end, so
+                        their times are what a device with enough memory would see)
+    time_split          {device: {compute_s, comm_s, load_s, stall_s, loads, loaded_bytes, stalls}} this
+                        run only, on the device's clock (compute excludes allreduce time inside blocks).
+                        load_s: reading weights (window: on the loader thread, overlapping compute;
+                        offload: blocking, so also counted in stall_s); stall_s: waiting for weights;
+                        pipeline: comm_s is the time a stage waits for its input (other stages' compute
+                        included) plus sending its output
+    window              {device: the window scheduler's statistics}: per-step split (`steps`, this run's
+                        steps), per-block averages (`blocks`), the paper's steady conditions checked on
+                        them (`steady`: tight, loose, measured t_attn, t_ffn, t_ar, tau_attn, tau_ffn);
+                        devices without a window are left out
+    trace               {device: [[name, category, start_s, duration_s], ...]} with options.trace (device
+                        clock: compute, comm, load, stall events); {} otherwise
+    page_cache_bytes    {device: bytes of its weight files in the host's page cache} (not in RSS)
     oom                 [] or [{device, rss_bytes, cap_bytes}]: devices stopped for exceeding their cap
     error               null, or why the run did not complete
     wall_s              real seconds the run took on this host
@@ -126,8 +145,15 @@ def describe(config: dict) -> str:
           f"{model.get('dtype', '?')})"
     window = f"window {opt['window']}" if opt.get("window") else "no window"
     compute = ", compute free" if opt.get("compute") == "free" else ""
-    return (f"{len(topo['devices'])} devices on {topo['name']} links ({lat_s}, {bw_s} per link), {mdl}, "
-            f"{opt['allreduce']} allreduce, {window}, {opt['clock']} clock{compute}")
+    mode = opt.get("mode", "tpi")
+    unique = f", {model['unique_layers']} unique layers" if model.get("unique_layers") else ""
+    n = len(topo["devices"])
+    if n == 1:
+        return f"{mode}: 1 device ({topo['devices'][0]['name']} of {topo['name']}), {mdl}{unique}, {window}, " \
+               f"{opt['clock']} clock{compute}"
+    comm = "pipeline" if mode == "pipeline" else f"{opt['allreduce']} allreduce"
+    return (f"{mode}: {n} devices on {topo['name']} links ({lat_s}, {bw_s} per link), {mdl}{unique}, "
+            f"{comm}, {window}, {opt['clock']} clock{compute}")
 
 
 def summary(records: list[dict], wall_s: float | None = None, results_path: str | None = None) -> str:
@@ -154,16 +180,25 @@ def summary(records: list[dict], wall_s: float | None = None, results_path: str 
     devices = [d["name"] for d in cfg["topology"]["devices"]]
     caps = cfg.get("mem_caps_bytes", {})
     last = records[-1]
-    out.append(f"{'device':>8} {'peak RSS MiB':>12} {'cap MiB':>9} {'compute':>9} {'comm':>9} {'load':>9} "
+    extrapolated = any(r.get("peak_mem_bytes", {}).get(n, 0) > (r["peak_rss_bytes"].get(n) or 0)
+                       for r in records for n in devices)
+    mem_head = "memory MiB*" if extrapolated else "peak RSS MiB"
+    out.append(f"{'device':>8} {mem_head:>12} {'cap MiB':>9} {'compute':>9} {'comm':>9} {'load':>9} "
                f"{'stall':>9}   [{unit}, all runs]")
     for name in devices:
-        peak = max((r["peak_rss_bytes"].get(name) or 0) for r in records)
+        peak = max(max(r["peak_rss_bytes"].get(name) or 0, r.get("peak_mem_bytes", {}).get(name) or 0)
+                   for r in records)
         split = {k: sum((r["time_split"].get(name) or {}).get(k, 0.0) for r in records)
                  for k in ("compute_s", "comm_s", "load_s", "stall_s")}
         cap = caps.get(name)
         out.append(f"{name:>8} {peak / MiB:>12.1f} {_fmt(cap / MiB if cap else None, '9.0f')} "
                    f"{split['compute_s']:>9.3f} {split['comm_s']:>9.3f} {split['load_s']:>9.3f} "
                    f"{split['stall_s']:>9.3f}")
+    if extrapolated:
+        out.append("* measured peak RSS + the repeated layers of the unique-layer model (resident weights)")
+    over = sorted({n for r in records for n in r.get("mem_over_cap", []) if not r["oom"]})
+    if over:
+        out.append(f"over their memory cap (would run out of memory): {', '.join(over)}")
     problems = [r for r in records if r["error"]]
     if problems:
         out.append("")

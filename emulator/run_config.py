@@ -6,6 +6,10 @@
     model:                            # exactly one of synth / path
       synth: small-100m               #   a tpicore.synth preset, written once into .cache/models/<hash>
       layers: null                    #   override its layer count
+      unique_layers: null             #   K: store only K distinct layers (layer l = stored layer l mod K),
+                                      #   written straight as per-device shard folders (tpicore.unique_synth):
+                                      #   70B shapes, real bytes read per token, K/L of the disk; outputs
+                                      #   meaningless, timing and memory real (resident weights: see report.py)
       dtype: f32                      #   f32 | f16 | bf16 (compute is always f32)
       seed: 0
       # path: /models/llama-2-7b      #   an HF checkpoint folder
@@ -17,6 +21,15 @@
       prompt: null                    # or a text, tokenized with the model's tokenizer (then prompt_lengths
                                       # is ignored)
     options:
+      mode: tpi                       # what runs (emulator/baselines.py):
+                                      #   tpi          tensor parallel over all devices; allreduce and window as
+                                      #                given below (window null = TP without the scheduler)
+                                      #   galaxy       tensor parallel, ring allreduce, no window (sets both)
+                                      #   pipeline     layers split across the devices (ratios: layer shares),
+                                      #                hidden state passed along, weights resident
+                                      #   standalone   the first device alone, whole model resident
+                                      #   offload      the first device alone, blocks read on demand (blocking)
+                                      #   standalone+ms  the first device alone with the window (default 2)
       clock: virtual                  # virtual | wall
       compute: measured               # measured | free (virtual only: compute costs no time, links only)
       allreduce: star                 # star | ring | tree
@@ -26,6 +39,15 @@
       mem_cap: null                   # one memory cap for every device ("60MB"); default: each device's mem_bytes
       cgroup_root: null               # a cgroup v2/v1 directory you own: kernel-enforced caps instead of the watchdog
       timeout_s: 60                   # transport timeout (real seconds)
+      trace: false                    # per-block events (compute, allreduce, loads) in each results line
+      drop_cache: true                # window/offload reads drop the page cache behind them (honest cold
+                                      # reads); false re-reads warm data: same results on a virtual clock
+                                      # with a modelled disk (loads are charged bytes / disk_read_mbps), less
+                                      # real time
+
+A mode fixes what it names and the results record the options as run: galaxy sets allreduce ring and no
+window; pipeline, standalone and offload run without a window; standalone+ms takes the window given
+(2 if none). The one-device modes use topology.devices[0] alone (links unused, ratios ignored).
 
 Overrides (`--set KEY=VALUE`, VALUE read as YAML) are dotted paths into this document; `devices.*` and
 `links.*` are short for `topology.devices.*` and `topology.links.*`. A topology given by name or path is
@@ -50,6 +72,8 @@ TOPOLOGY_DIR = ROOT / "configs" / "topologies"
 CLOCKS = ("virtual", "wall")
 COMPUTE = ("measured", "free")
 ALLREDUCE = ("star", "ring", "tree")
+MODES = ("tpi", "galaxy", "pipeline", "standalone", "offload", "standalone+ms")
+SINGLE_DEVICE_MODES = ("standalone", "offload", "standalone+ms")
 DTYPES = ("f32", "f16", "bf16")
 SECTIONS = ("name", "topology", "model", "workload", "options")
 
@@ -84,6 +108,7 @@ class ModelSpec:
     path: str | None = None
     synth: str | None = None
     layers: int | None = None
+    unique_layers: int | None = None
     dtype: str = "f32"
     seed: int = 0
 
@@ -102,8 +127,21 @@ class ModelSpec:
             _int(self.layers, "layers", 1)
         _choice(self.dtype, "dtype", DTYPES)
         _int(self.seed, "seed", 0)
-        if self.path is not None and (self.layers is not None or self.dtype != "f32" or self.seed != 0):
-            raise TpiError("layers/dtype/seed: apply to synth only (a checkpoint folder is used as it is)")
+        if self.path is not None and (self.layers is not None or self.unique_layers is not None
+                                      or self.dtype != "f32" or self.seed != 0):
+            raise TpiError("layers/unique_layers/dtype/seed: apply to synth only (a checkpoint folder is used "
+                           "as it is)")
+        if self.unique_layers is not None:
+            from tpicore.synth import PRESETS
+
+            _int(self.unique_layers, "unique_layers", 1)
+            n = self.layers or PRESETS[self.synth]["num_hidden_layers"]
+            if self.unique_layers > n:
+                raise TpiError(f"unique_layers: {self.unique_layers} is more than the model's {n} layers")
+
+    @property
+    def unique(self) -> bool:
+        return self.unique_layers is not None
 
 
 @dataclass(frozen=True)
@@ -140,6 +178,7 @@ class Workload:
 
 @dataclass(frozen=True)
 class Options:
+    mode: str = "tpi"
     clock: str = "virtual"
     compute: str = "measured"
     allreduce: str = "star"
@@ -149,8 +188,11 @@ class Options:
     mem_cap: int | None = None  # bytes
     cgroup_root: str | None = None
     timeout_s: float = 60.0
+    trace: bool = False
+    drop_cache: bool = True
 
     def __post_init__(self) -> None:
+        _choice(self.mode, "mode", MODES)
         _choice(self.clock, "clock", CLOCKS)
         _choice(self.compute, "compute", COMPUTE)
         if self.compute == "free" and self.clock != "virtual":
@@ -161,6 +203,14 @@ class Options:
             window = None
         if window is not None:
             _int(window, "window", 2)
+        # the mode fixes what it names (see the module docstring); results record the options as run
+        if self.mode == "galaxy":
+            object.__setattr__(self, "allreduce", "ring")
+        if self.mode in ("galaxy", "pipeline", "standalone", "offload"):
+            window = None
+            object.__setattr__(self, "retain_every", 0)
+        elif self.mode == "standalone+ms" and window is None:
+            window = 2
         object.__setattr__(self, "window", window)
         _int(self.retain_every, "retain_every", 0)
         if self.retain_every and window is None:
@@ -186,6 +236,17 @@ class Options:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise TpiError(f"timeout_s: must be a number > 0, got {t!r}")
         object.__setattr__(self, "timeout_s", float(t))
+        for key in ("trace", "drop_cache"):
+            if not isinstance(getattr(self, key), bool):
+                raise TpiError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+
+    @property
+    def single_device(self) -> bool:
+        return self.mode in SINGLE_DEVICE_MODES
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.mode in ("tpi", "galaxy")
 
 
 @dataclass(frozen=True)
@@ -204,6 +265,15 @@ class RunConfig:
         ratios = self.options.ratios
         if isinstance(ratios, tuple) and len(ratios) != len(self.topology):
             raise TpiError(f"{self.source}: options.ratios: {len(ratios)} values for {len(self.topology)} devices")
+        if self.options.single_device and len(self.topology) > 1:  # the first device alone
+            from dataclasses import replace
+
+            first = self.topology.devices[0]
+            own = {lid: link for lid, link in self.topology.links.items() if first.name in lid.split(">")}
+            topo = Topology(devices=(first,), links=own or dict(self.topology.links), paths={},
+                            name=self.topology.name)
+            object.__setattr__(self, "topology", topo)
+            object.__setattr__(self, "options", replace(self.options, ratios="equal"))
 
     @property
     def world_size(self) -> int:
@@ -212,7 +282,7 @@ class RunConfig:
     def ratios(self) -> list[float] | None:
         """Per-device shares for sharding, or None for equal."""
         r = self.options.ratios
-        if r == "equal":
+        if r == "equal" or self.world_size == 1:
             return None
         if r == "speed":
             return [d.speed for d in self.topology.devices]
@@ -312,15 +382,18 @@ def resolve_topology_ref(ref: str, base: Path) -> Path:
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[tuple[str, Any]] = (),
-                    doc: Mapping | None = None) -> RunConfig:
-    """Read, override, validate. `doc` instead of `path` builds from a mapping (tests, the CLI)."""
+                    doc: Mapping | None = None, source: str | None = None,
+                    base_dir: str | Path | None = None) -> RunConfig:
+    """Read, override, validate. `doc` instead of `path` builds from a mapping (tests, the CLI, the points
+    of an experiment: then `source` names it in errors and relative paths start at `base_dir`)."""
     from_file = doc is None
     if from_file:
         path = Path(path)
         raw = _read_yaml(path, "run config")
         source, base = str(path), path.parent
     else:
-        raw, source, base = doc, "<run config>", Path.cwd()
+        raw, source = doc, source or "<run config>"
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
     if not isinstance(raw, Mapping):
         raise TpiError(f"{source}: expected a mapping at the top level")
     doc = copy.deepcopy(dict(raw))

@@ -22,7 +22,8 @@ from tpicore.errors import TpiError
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
 FIELDS = {"experiment", "run", "prompt_len", "repetition", "config", "tokens", "ttft_s", "token_latencies_s",
-          "token_latency_s", "peak_rss_bytes", "time_split", "oom", "error", "wall_s", "links", "time"}
+          "token_latency_s", "peak_rss_bytes", "time_split", "oom", "error", "wall_s", "links", "time",
+          "point", "mode", "peak_mem_bytes", "mem_over_cap", "window", "trace", "page_cache_bytes"}
 
 
 @pytest.fixture(scope="module")

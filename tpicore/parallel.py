@@ -41,6 +41,8 @@ class RunOptions:
     retain_every: int = 0
     trace: bool = False
     read_delay_s: float = 0.0  # test hook: artificially slow disk
+    drop_cache: bool = True  # the window drops the page cache behind its reads; False: warm re-reads (the
+                             # emulator with a modelled disk on a virtual clock: same times, less real time)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -67,14 +69,16 @@ def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None,
     """This rank's Device. `clock` and `disk_read_mbps` (the emulated device's disk, megabits/s) come
     from the emulator: with a window, a virtual clock or a modelled disk are handed to the scheduler
     (`WindowSource(clock=, disk_read_mbps=)`), which charges each load bytes / bandwidth on the loader's
-    own timeline. Without them the scheduler reads at the host's speed in real time."""
+    own timeline. Without them the scheduler reads at the host's speed in real time. `opts.drop_cache`
+    is passed to the scheduler as is."""
     from tpicore.session import make_source
 
     if opts.window:
         disk = {}
         if disk_read_mbps is not None or getattr(clock, "virtual", False):
             disk = {"clock": clock, "disk_read_mbps": disk_read_mbps}
-        source = make_source(store, opts.window, opts.retain_every, read_delay_s=opts.read_delay_s, **disk)
+        source = make_source(store, opts.window, opts.retain_every, read_delay_s=opts.read_delay_s,
+                             drop_cache=opts.drop_cache, **disk)
     else:
         source = make_source(store, None)
     dev = Device(store, source, opts.max_seq, allreduce, clock)

@@ -1,0 +1,479 @@
+"""Experiments: one YAML per figure or table in configs/experiments/, each a base run config and a sweep.
+
+    python -m emulator run configs/experiments/table1.yaml [--smoke]   one experiment, every point
+    python -m emulator reproduce [--only table1,fig5] [--smoke]        all of them (`make reproduce`)
+
+An experiment file:
+
+    name: table1                       # results/<name>.jsonl (default: the file's stem)
+    description: >-                    # how the experiment is scaled to this host: the figure's caption
+      ...
+    paper: table1                      # optional: the paper's table/figure (a key of configs/paper_tables.yaml)
+    estimate_s: 600                    # expected wall time of the full sweep on the project's machine
+    base:                              # a run config (emulator/run_config.py); every point starts from it
+      topology: klonet
+      model: {synth: llama-2-7b, unique_layers: 2}
+      workload: {...}
+      options: {...}
+    set:                               # optional: overrides on the base, as --set (e.g. into a preset
+      devices.template.disk_read_mbps: 2GB/s    # topology's device template)
+    sweep:                             # a list of points, or a grid (+ points), see below
+      grid:                            # the cartesian product of its axes, the first outermost
+        options.mode: [tpi, galaxy]    #   a config key (dotted, as --set): one value per point
+        model: [{synth: tiny}, ...]    #   a section: each value replaces the whole section
+        size:                          #   any other name: a named axis, each value a set of overrides
+          - {model: {synth: llama-2-7b, unique_layers: 2}, workload.new_tokens: 3}
+          - {model: {synth: llama-2-70b, unique_layers: 1}, workload.new_tokens: 2}
+      points:                          # explicit points (innermost, after the grid's axes)
+        - {options.mode: standalone}
+        - {options.mode: tpi, devices.count: 4}
+    # or a list mixing points and sub-sweeps ({grid, points}), concatenated in order:
+    # sweep: [{grid: {...}}, {grid: {...}, points: [...]}, {options.mode: tpi}]
+    smoke:                             # the tiny variant (`--smoke`, the tests): seconds, not minutes
+      base: {model: {synth: tiny}, devices.count: 2}   # overrides on base (after SMOKE_DEFAULTS)
+      sweep: [{options.mode: tpi}]     # replaces the sweep (one or two points)
+    runner: allreduce                  # not a model run: the whole file goes to emulator.allreduce_sweep
+
+A point is a set of `--set` overrides on the base, plus optional labels (LABEL_KEYS: `panel`,
+`testbed`, `paper_model`) that only name it for the plots. Every results line carries
+`"experiment": name` and `"point": {key: value}` (named axes contribute their overrides) so plots can
+group by them. Points whose resolved run config equals an earlier point's are not run again: the
+earlier lines are written once more under the new point (e.g. Fig. 5's base point in each panel).
+A point that cannot run (a pipeline with more devices than layers, more devices than heads, a model
+preparation error) becomes a line with `"error"` and `"skipped": true`; the sweep goes on.
+
+Results are written to <results>/.staging/<name>.jsonl and moved over <results>/<name>.jsonl when the
+sweep is done, so an interrupted run never clobbers committed results. `--smoke` writes to
+.cache/smoke-results/ unless --results is given, for the same reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from emulator.run_config import ROOT, SECTIONS, RunConfig, load_run_config
+from tpicore.errors import TpiError
+
+EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
+SMOKE_RESULTS = ROOT / ".cache" / "smoke-results"
+KEYS = ("name", "description", "paper", "estimate_s", "base", "set", "sweep", "smoke", "runner")
+CONFIG_ROOTS = set(SECTIONS) | {"devices", "links"}
+# point keys that only label a point for the plots (emulator/plot.py), never applied to the config
+LABEL_KEYS = ("panel", "testbed", "paper_model")
+# Every smoke variant: a short prompt, two tokens, one repetition (a YAML's smoke.base may add to these)
+SMOKE_DEFAULTS = {"workload.prompt_lengths": [3], "workload.new_tokens": 2, "workload.repetitions": 1,
+                  "options.timeout_s": 30}
+# `reproduce` runs the experiments in this order (then any others, by name): cheap ones first, and
+# those sharing model folders next to each other (the unique-layer cache keeps the most recent ones)
+ORDER = ("fig3_allreduce", "fig1_timeline", "fig1_memory", "window_sweep", "stall_prediction", "link_latency_sweep",
+         "fig6_baselines", "table3_laptops", "table1", "table2_6_memory", "fig5_scaling", "device_scaling")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiment file
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One experiment file, validated; `points` already expanded (smoke variant if asked)."""
+
+    name: str
+    source: str
+    description: str
+    paper: str | None
+    estimate_s: float | None
+    base: dict
+    points: tuple[dict, ...]
+    smoke: bool
+    runner: str | None = None
+    doc: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).parent
+
+
+def _is_config_key(key: str) -> bool:
+    return key.split(".")[0] in CONFIG_ROOTS
+
+
+def expand_sweep(sweep: Any, where: str) -> list[dict]:
+    """A sweep (list of points, or {grid, points}) -> the list of points, each {override key: value}."""
+    if sweep is None:
+        return [{}]
+    if isinstance(sweep, list):
+        out = []
+        for i, p in enumerate(sweep):
+            if isinstance(p, Mapping) and p and set(p) <= {"grid", "points"}:  # a sub-sweep
+                out += expand_sweep(p, f"{where}[{i}]")
+            else:
+                out.append(_point(p, f"{where}[{i}]"))
+        return out or [{}]
+    if not isinstance(sweep, Mapping):
+        raise TpiError(f"{where}: expected a list of points or a mapping with grid/points, got {sweep!r}")
+    for k in sweep:
+        if k not in ("grid", "points"):
+            raise TpiError(f"{where}.{k}: unknown key (allowed: grid, points)")
+    grid = sweep.get("grid") or {}
+    if not isinstance(grid, Mapping):
+        raise TpiError(f"{where}.grid: expected a mapping of axis -> list of values, got {grid!r}")
+    axes = []
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise TpiError(f"{where}.grid.{axis}: expected a non-empty list of values, got {values!r}")
+        if _is_config_key(axis):
+            axes.append([{axis: v} for v in values])
+        else:  # a named axis: each value is a set of overrides
+            axes.append([_point(v, f"{where}.grid.{axis}[{i}]") for i, v in enumerate(values)])
+    points = sweep.get("points")
+    if points is not None:
+        if not isinstance(points, list) or not points:
+            raise TpiError(f"{where}.points: expected a non-empty list of points, got {points!r}")
+        axes.append([_point(p, f"{where}.points[{i}]") for i, p in enumerate(points)])
+    out = []
+    for combo in itertools.product(*axes):
+        merged: dict = {}
+        for part in combo:
+            merged.update(part)
+        out.append(merged)
+    return out or [{}]
+
+
+def _point(p: Any, where: str) -> dict:
+    if not isinstance(p, Mapping):
+        raise TpiError(f"{where}: expected a mapping of override key -> value, got {p!r}")
+    for k in p:
+        if not isinstance(k, str) or not (_is_config_key(k) or k in LABEL_KEYS):
+            raise TpiError(f"{where}.{k}: not a run config key (sections: {', '.join(sorted(CONFIG_ROOTS))}) "
+                           f"nor a label ({', '.join(LABEL_KEYS)})")
+    return dict(p)
+
+
+def load_experiment(path: str | Path, smoke: bool = False) -> Spec:
+    """Read and validate an experiment file; every point's run config is validated too."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise TpiError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise TpiError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(doc, Mapping):
+        raise TpiError(f"{path}: expected a mapping at the top level")
+    name = str(doc.get("name", path.stem))
+    runner = doc.get("runner")
+    if runner is not None:  # the runner validates its own keys
+        if runner != "allreduce":
+            raise TpiError(f"{path}: runner: expected allreduce (emulator/allreduce_sweep.py), got {runner!r}")
+        from emulator.allreduce_sweep import load_sweep
+
+        sweep = load_sweep(path)
+        return Spec(name=sweep.name, source=str(path), description=sweep.description, paper="fig3",
+                    estimate_s=doc.get("estimate_s"), base={}, points=(), smoke=smoke, runner=runner, doc=dict(doc))
+    for k in doc:
+        if k not in KEYS:
+            raise TpiError(f"{path}: {k}: unknown key (allowed: {', '.join(KEYS)})")
+    base = doc.get("base")
+    if not isinstance(base, Mapping):
+        raise TpiError(f"{path}: base: expected a run config mapping (topology, model, workload, options)")
+    base = dict(base)
+    if "name" in base:
+        raise TpiError(f"{path}: base.name: the experiment's name is its top-level `name` (or the file's stem)")
+    base["name"] = name
+    if doc.get("set"):
+        base = _apply(base, _point(doc["set"], f"{path}: set"))
+    est = doc.get("estimate_s")
+    if est is not None and (isinstance(est, bool) or not isinstance(est, (int, float)) or est < 0):
+        raise TpiError(f"{path}: estimate_s: expected seconds >= 0, got {est!r}")
+    points = expand_sweep(doc.get("sweep"), f"{path}: sweep")
+    if smoke:
+        sm = doc.get("smoke")
+        if not isinstance(sm, Mapping):
+            raise TpiError(f"{path}: smoke: missing (a tiny variant: base overrides and a one- or two-point sweep)")
+        for k in sm:
+            if k not in ("base", "sweep"):
+                raise TpiError(f"{path}: smoke.{k}: unknown key (allowed: base, sweep)")
+        overrides = {**SMOKE_DEFAULTS, **_point(sm.get("base") or {}, f"{path}: smoke.base")}
+        base = _apply(base, overrides)
+        if "sweep" in sm:
+            points = expand_sweep(sm["sweep"], f"{path}: smoke.sweep")
+    spec = Spec(name=name, source=str(path), description=str(doc.get("description") or "").strip(),
+                paper=doc.get("paper"), estimate_s=est, base=base, points=tuple(points), smoke=smoke, doc=dict(doc))
+    for i, point in enumerate(spec.points):
+        point_config(spec, i)  # every point must at least parse and validate
+    return spec
+
+
+def _apply(doc: dict, overrides: Mapping[str, Any]) -> dict:
+    """Overrides applied to a run config document, as load_run_config would (for smoke.base)."""
+    cfg = load_run_config(None, list(overrides.items()), doc=doc)
+    return cfg.doc
+
+
+def point_config(spec: Spec, index: int) -> RunConfig:
+    """The run config of one point: the base with the point's overrides, named after the experiment."""
+    point = spec.points[index]
+    overrides = [(k, v) for k, v in point.items() if k not in LABEL_KEYS]
+    return load_run_config(None, [*overrides, ("name", spec.name)], doc=spec.base,
+                           source=f"{spec.source} (point {index + 1}: {label(point)})", base_dir=spec.base_dir)
+
+
+def label(point: Mapping[str, Any]) -> str:
+    """A short text for a point: key=value; a mapping by its name (a model by its preset)."""
+    parts = []
+    for k, v in point.items():
+        if isinstance(v, Mapping):
+            v = v.get("synth") or v.get("path") or v.get("name") or "{...}"
+        parts.append(f"{k.split('.')[-1]}={v}")
+    return " ".join(parts) or "base"
+
+
+def infeasible(cfg: RunConfig) -> str | None:
+    """Why a point cannot run on this model, known from its shape alone (before preparing anything)."""
+    if cfg.model.synth is None:
+        return None
+    from tpicore.synth import PRESETS
+
+    c = PRESETS[cfg.model.synth]
+    layers, n = cfg.model.layers or c["num_hidden_layers"], cfg.world_size
+    if cfg.options.mode == "pipeline" and n > layers:
+        return f"pipeline: {n} stages cannot split {layers} layers"
+    if cfg.options.tensor_parallel and n > c["num_attention_heads"]:
+        return f"{cfg.options.mode}: {n} devices cannot split {c['num_attention_heads']} attention heads"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class Outcome:
+    name: str
+    records: list[dict] = field(default_factory=list)
+    results_path: str = ""
+    wall_s: float = 0.0
+    failed: int = 0  # points that crashed (not skipped, not OOM)
+    interrupted: bool = False
+
+
+def skipped_record(spec: Spec, point: dict, cfg: RunConfig | None, error: str) -> dict:
+    """A results line for a point that did not run (same keys as a run's line, values empty)."""
+    from emulator.report import utc_now
+
+    config = cfg.to_json() if cfg else {"name": spec.name, "source": spec.source}
+    config["description"] = spec.description
+    return {"experiment": spec.name, "point": point, "mode": cfg.options.mode if cfg else None, "run": 0,
+            "prompt_len": None, "repetition": 0, "config": config, "tokens": [],
+            "ttft_s": None, "token_latencies_s": [], "token_latency_s": None, "peak_rss_bytes": {},
+            "peak_mem_bytes": {}, "mem_over_cap": [], "time_split": {}, "oom": [], "error": error, "skipped": True,
+            "wall_s": None, "links": {}, "window": {}, "trace": {}, "page_cache_bytes": {}, "time": utc_now()}
+
+
+def point_line(spec: Spec, i: int, n: int, point: dict, records: list[dict], wall_s: float) -> str:
+    """The progress line of one point: TTFT, token latency, peak memory, or why it did not run."""
+    head = f"[{spec.name} {i + 1}/{n}] {label(point)}:"
+    if not records:
+        return f"{head} no runs recorded ({wall_s:.0f} s)"
+    r = records[-1]
+    if r.get("skipped"):
+        return f"{head} skipped: {r['error']}"
+    bits = []
+    ok = [x for x in records if not x["error"]]
+    if ok:
+        ttft = sum(x["ttft_s"] for x in ok) / len(ok)
+        lats = [x["token_latency_s"] for x in ok if x["token_latency_s"] is not None]
+        bits.append(f"TTFT {ttft:.3g} s")
+        if lats:
+            bits.append(f"{sum(lats) / len(lats):.3g} s/token")
+    mem = max((v for x in records for v in (x.get("peak_mem_bytes") or x["peak_rss_bytes"]).values()), default=0)
+    bits.append(f"peak {mem / 2**30:.2f} GiB/device")
+
+    def devices(names: set[str]) -> str:
+        return ", ".join(sorted(names)) if len(names) <= 4 else f"{len(names)} devices"
+
+    over = {d for x in records for d in x.get("mem_over_cap", [])}
+    if any(x["oom"] for x in records):
+        bits.append("OOM: " + devices({o["device"] for x in records for o in x["oom"]}))
+    elif over:
+        bits.append("over cap: " + devices(over))
+    errors = [x["error"] for x in records if x["error"] and not x["oom"]]
+    if errors:
+        bits.append(f"error: {errors[-1]}")
+    return f"{head} {', '.join(bits)} (wall {wall_s:.1f} s)"
+
+
+def run_experiment(path: str | Path, results_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+                   smoke: bool = False, overrides: Sequence[tuple[str, Any]] = (), verbose: bool = False,
+                   say: Callable[[str], None] | None = None) -> Outcome:
+    """Run every point of one experiment; results to <results>/<name>.jsonl when the sweep is done."""
+    from emulator.launcher import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_TERMINATED, Experiment
+
+    say = say or (lambda text: print(text, flush=True))
+    spec = load_experiment(path, smoke)
+    results = Path(results_dir) if results_dir else (SMOKE_RESULTS if smoke else ROOT / "results")
+    staging = results / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    out = Outcome(spec.name, results_path=str(results / f"{spec.name}.jsonl"))
+    staged = staging / f"{spec.name}.jsonl"
+    staged.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    if spec.runner == "allreduce":
+        return _run_allreduce(spec, staging, staged, out, smoke, verbose, say, t0)
+    if overrides:  # command-line --set: on the base, before every point
+        spec = Spec(**{**spec.__dict__, "base": _apply(spec.base, dict(overrides))})
+    n = len(spec.points)
+    est = f", estimated {spec.estimate_s / 60:.0f} min" if spec.estimate_s and not smoke else ""
+    say(f"{spec.name}: {n} point{'s' * (n != 1)}{' (smoke)' if smoke else ''}{est}")
+    from emulator.report import append_jsonl
+
+    done: dict[str, tuple[int, list[dict]]] = {}  # resolved config -> (point index, its lines)
+    for i, point in enumerate(spec.points):
+        p0 = time.monotonic()
+        cfg = None
+        try:
+            cfg = point_config(spec, i)
+            resolved = cfg.to_json()
+            resolved["topology"].pop("doc")  # as parsed: "300mbps" and 300 are the same link
+            resolved.pop("source")  # names the point
+            key = json.dumps(resolved, sort_keys=True, default=str)
+            if key in done:
+                first, recs = done[key]
+                recs = [{**r, "point": point} for r in recs]
+                for r in recs:
+                    append_jsonl(staged, r)
+                out.records += recs
+                say(f"[{spec.name} {i + 1}/{n}] {label(point)}: same run as point {first + 1}")
+                continue
+            why = infeasible(cfg)
+            if why:
+                raise TpiError(why)
+            exp = Experiment(cfg, results_dir=staging, cache_dir=cache_dir, progress=verbose, point=point,
+                             description=spec.description)
+            res = exp.run()
+            recs = res.records
+            if res.exit_code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+                out.interrupted = True
+                say(f"{spec.name}: interrupted at point {i + 1}/{n}; results so far in {staged}")
+                break
+            if res.exit_code == EXIT_CRASH:
+                out.failed += 1
+            else:
+                done[key] = (i, recs)
+        except TpiError as e:
+            rec = skipped_record(spec, point, cfg, str(e))
+            append_jsonl(staged, rec)
+            recs = [rec]
+        out.records += recs
+        say(point_line(spec, i, n, point, recs, time.monotonic() - p0))
+    out.wall_s = time.monotonic() - t0
+    if not out.interrupted:
+        if staged.exists():
+            os.replace(staged, out.results_path)
+        _tidy(staging)
+        say(f"{spec.name}: done in {out.wall_s / 60:.1f} min -> {out.results_path}")
+    return out
+
+
+def _tidy(staging: Path) -> None:
+    """The staging folder goes once empty (an interrupted sweep leaves its lines there)."""
+    try:
+        staging.rmdir()
+    except OSError:
+        pass
+
+
+def _run_allreduce(spec: Spec, staging: Path, staged: Path, out: Outcome, smoke: bool, verbose: bool,
+                   say: Callable[[str], None], t0: float) -> Outcome:
+    """Fig. 3: the sweep is emulator/allreduce_sweep.py's; its lines land in the same place."""
+    from emulator import allreduce_sweep
+
+    say(f"{spec.name}: allreduce sweep (emulator/allreduce_sweep.py){' (smoke)' if smoke else ''}")
+    code = allreduce_sweep.run_config(spec.source, staging, smoke=smoke, quiet=not verbose, plot=False)
+    out.wall_s = time.monotonic() - t0
+    if staged.exists():
+        from emulator.report import read_jsonl
+
+        out.records = read_jsonl(staged)
+        os.replace(staged, out.results_path)
+    _tidy(staging)
+    out.failed = int(code != 0)
+    say(f"{spec.name}: done in {out.wall_s / 60:.1f} min ({len(out.records)} lines) -> {out.results_path}")
+    return out
+
+
+def experiment_files(only: Sequence[str] | None = None) -> list[Path]:
+    """configs/experiments/*.yaml in reproduce order; `only`: names (file stems) to keep."""
+    files = {p.stem: p for p in EXPERIMENTS_DIR.glob("*.yaml")}
+    if only:
+        unknown = [o for o in only if o not in files]
+        if unknown:
+            raise TpiError(f"--only: unknown experiment(s) {', '.join(unknown)} (known: {', '.join(sorted(files))})")
+    names = [n for n in ORDER if n in files] + sorted(n for n in files if n not in ORDER)
+    return [files[n] for n in names if not only or n in only]
+
+
+def reproduce(only: Sequence[str] | None = None, smoke: bool = False, results_dir: str | Path | None = None,
+              cache_dir: str | Path | None = None, verbose: bool = False, plot: bool = True) -> int:
+    """Every experiment (or `only` some), then the figures; prints a line per point and the durations."""
+    files = experiment_files(only)
+    results = Path(results_dir) if results_dir else (SMOKE_RESULTS if smoke else ROOT / "results")
+    specs = [load_experiment(f, smoke) for f in files]  # all parse before anything runs
+    total_est = sum(s.estimate_s or 0 for s in specs)
+    print(f"reproduce: {len(specs)} experiments{' (smoke)' if smoke else ''} -> {results}"
+          + (f"; estimated {total_est / 60:.0f} min" if total_est and not smoke else ""), flush=True)
+    t0 = time.monotonic()
+    durations, failed = [], 0
+    for f in files:
+        o = run_experiment(f, results, cache_dir, smoke=smoke, verbose=verbose)
+        durations.append((o.name, o.wall_s))
+        failed += o.failed
+        if o.interrupted:
+            print("reproduce: interrupted", flush=True)
+            return 130
+    total = time.monotonic() - t0
+    print("\nreproduce: durations", flush=True)
+    for (name, wall), spec in zip(durations, specs):
+        est = f"  (estimate {spec.estimate_s / 60:.0f} min)" if spec.estimate_s and not smoke else ""
+        print(f"  {name:<20} {wall / 60:6.1f} min{est}", flush=True)
+    print(f"  {'total':<20} {total / 60:6.1f} min", flush=True)
+    code = 1 if failed else 0
+    if plot:
+        code = max(code, plot_all(results, [s.name for s in specs]))
+    return code
+
+
+def plot_all(results: Path, names: Sequence[str]) -> int:
+    """Draw the figures of these experiments with emulator/plot.py, when it is in this checkout."""
+    try:
+        from emulator import plot as plotting
+    except ImportError:
+        print("reproduce: emulator/plot.py not in this checkout; no figures drawn", flush=True)
+        return 0
+    known = [n for n in names if n in plotting.FIGURES]
+    written = plotting.plot_experiments(known, results, results / "figures")
+    return 0 if written else 1
+
+
+def is_experiment_file(path: str | Path) -> bool:
+    """An experiment (base + sweep, or a runner) rather than a plain run config."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(doc, Mapping) and ("base" in doc or "sweep" in doc or "runner" in doc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(reproduce())
