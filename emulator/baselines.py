@@ -59,13 +59,7 @@ def device_layers(cfg, n_layers: int) -> list[range]:
 
 def device_report(rank: int, dev: Device, trace: bool) -> dict:
     """What a rank reports: peak RSS, page cache of its files, time split, window statistics, events."""
-    if hasattr(dev, "report"):
-        rep = dev.report()
-    else:  # pragma: no cover - engines before Device.report
-        from tpicore.parallel import peak_rss_bytes
-
-        rep = {"peak_rss_bytes": peak_rss_bytes(), "timers": dev.timers.snapshot(), "window": dev.timers.window}
-    rep = copy.deepcopy(rep)  # the window's statistics are live: the caller diffs two reports
+    rep = copy.deepcopy(dev.report())  # the window's statistics are live: the caller diffs two reports
     return {"rank": rank, **rep, "events": list(dev.timers.events) if trace else []}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from tpicore.errors import TpiError
 from tpicore.generate import Generation, Sampling, generate
+from tpicore.memory import peak_rss_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,10 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--no-window", action="store_true", help="keep every block resident (default)")
     mem.add_argument("--retain-every", type=int, default=0, help="keep one FFN block in every T resident")
     mem.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the blocks")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def parse_ids(text: str) -> list[int]:

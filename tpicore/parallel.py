@@ -58,12 +58,6 @@ def set_blas_threads(n: int) -> None:
         pass
 
 
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None,
                 disk_read_mbps: float | None = None) -> Device:
     """This rank's Device. `clock` and `disk_read_mbps` (the emulated device's disk, megabits/s) come
