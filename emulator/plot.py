@@ -405,12 +405,12 @@ def finish(fig, out: Path, title: str, records: list[dict], notes: str, w_pad: f
     desc = description(records)
     parts = ([f"Setting: {desc}"] if desc else []) + [notes]
     caption = "\n".join(textwrap.fill(p, chars) for p in parts if p)
-    n_lines = caption.count("\n") + 1
     height_in = fig.get_size_inches()[1]
-    bottom = min(0.45, (0.25 + 0.17 * n_lines) / height_in)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.45 / height_in), w_pad=w_pad)
-    fig.text(0.01, 0.01, caption, fontsize=8, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height_in), w_pad=w_pad)
+    # the caption goes below everything drawn (rotated tick labels included); the saved image grows to it
+    drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    fig.text(0.01, (drawn.y0 - 0.15) / height_in, caption, fontsize=8, va="top", ha="left")
     save(fig, out)
 
 
@@ -419,7 +419,7 @@ def save(fig, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=".png", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
