@@ -325,6 +325,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _set(doc: dict, key: str, value: Any) -> None:
+    value = copy.deepcopy(value)  # sweep points share their values: a later `model.layers` must not edit them
     parts = key.split(".")
     if parts[0] in ("devices", "links"):
         parts = ["topology"] + parts

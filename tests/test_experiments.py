@@ -187,3 +187,17 @@ def test_bad_experiment_files_name_the_field(tmp_path):
     path = _experiment(tmp_path, [{"options.mode": "tpi"}])
     with pytest.raises(TpiError, match="smoke: missing"):
         load_experiment(path, smoke=True)
+
+
+def test_sweep_points_do_not_leak_overrides_into_each_other():
+    """A point setting `model.layers` must not edit the model section other points share (table2_6 ran
+    its no-scheduler points with 4 layers before this was fixed)."""
+    from emulator.experiments import load_experiment, point_config
+
+    spec = load_experiment(EXPERIMENTS_DIR / "table2_6_memory.yaml")
+    for i, point in enumerate(spec.points):
+        cfg = point_config(spec, i)
+        if point.get("options.window") is None:
+            assert cfg.model.layers is None, (i, point)
+        else:
+            assert cfg.model.layers == 4, (i, point)
