@@ -112,53 +112,43 @@ def main(argv: list[str] | None = None) -> int:
         from emulator import plot
 
         return plot.run(args)
-    from emulator.launcher import EXIT_INTERRUPTED, EXIT_SETUP, Experiment
-    from emulator.run_config import load_run_config
+    from emulator.launcher import EXIT_INTERRUPTED, EXIT_SETUP
 
-    if args.command == "reproduce":
-        from emulator.experiments import reproduce
-
-        try:
-            only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
-            return reproduce(only, smoke=args.smoke, results_dir=args.results, cache_dir=args.cache_dir,
-                             verbose=args.verbose, plot=not args.no_plot)
-        except TpiError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_SETUP
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
-    if args.command == "run":
-        from emulator.experiments import is_experiment_file, run_experiment
-
-        if is_experiment_file(args.config):
-            if args.name or args.mem_cap or args.cgroup_root:
-                print("error: --name/--mem-cap/--cgroup-root: not for experiment files (use --set options.mem_cap=...)",
-                      file=sys.stderr)
-                return EXIT_SETUP
-            try:
-                out = run_experiment(args.config, args.results, args.cache_dir, smoke=args.smoke,
-                                     overrides=overrides_for(args), verbose=args.verbose and not args.quiet)
-            except TpiError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return EXIT_SETUP
-            except KeyboardInterrupt:
-                print("error: interrupted", file=sys.stderr)
-                return EXIT_INTERRUPTED
-            return EXIT_INTERRUPTED if out.interrupted else (1 if out.failed else 0)
-        if args.smoke:
-            print(f"error: --smoke: {args.config} is a run config, not an experiment file", file=sys.stderr)
-            return EXIT_SETUP
-
-    try:
-        cfg = load_run_config(args.config, overrides_for(args))
-        outcome = Experiment(cfg, results_dir=args.results, cache_dir=args.cache_dir, progress=not args.quiet).run()
+    try:  # setup errors are one line and EXIT_SETUP, Ctrl-C EXIT_INTERRUPTED, for every command
+        return _dispatch(args)
     except TpiError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SETUP
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _dispatch(args) -> int:
+    from emulator.launcher import EXIT_INTERRUPTED, Experiment
+    from emulator.run_config import load_run_config
+
+    if args.command == "reproduce":
+        from emulator.experiments import reproduce
+
+        only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+        return reproduce(only, smoke=args.smoke, results_dir=args.results, cache_dir=args.cache_dir,
+                         verbose=args.verbose, plot=not args.no_plot)
+    if args.command == "run":
+        from emulator.experiments import is_experiment_file, run_experiment
+
+        if is_experiment_file(args.config):
+            if args.name or args.mem_cap or args.cgroup_root:
+                raise TpiError("--name/--mem-cap/--cgroup-root: not for experiment files "
+                               "(use --set options.mem_cap=...)")
+            out = run_experiment(args.config, args.results, args.cache_dir, smoke=args.smoke,
+                                 overrides=overrides_for(args), verbose=args.verbose and not args.quiet)
+            return EXIT_INTERRUPTED if out.interrupted else (1 if out.failed else 0)
+        if args.smoke:
+            raise TpiError(f"--smoke: {args.config} is a run config, not an experiment file")
+
+    cfg = load_run_config(args.config, overrides_for(args))
+    outcome = Experiment(cfg, results_dir=args.results, cache_dir=args.cache_dir, progress=not args.quiet).run()
     if outcome.summary:
         print(outcome.summary, flush=True)
     return outcome.exit_code
