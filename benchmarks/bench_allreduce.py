@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from tpicore.comm import ALGOS, Group, allreduce, run_local_processes
+from tpicore.comm.collectives import ALGOS, allreduce
+from tpicore.comm.transport import Group, run_local_processes
 
 
 def _measure(group: Group, sizes: list[int], algos: list[str], iters: int, warmup: int) -> dict:

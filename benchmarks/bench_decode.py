@@ -35,8 +35,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (MODELS, check_threads, cpu_pressure, ensure_model, gemv_probe,  # noqa: E402
-                               print_table, thread_env)
+from benchmarks.common import (  # noqa: E402
+    MODELS,
+    check_threads,
+    cpu_pressure,
+    ensure_model,
+    gemv_probe,
+    print_table,
+    thread_env,
+)
 
 PAUSE_S = 0.3  # > OpenBLAS's and libgomp's spin-wait before their idle threads sleep
 
@@ -69,7 +76,8 @@ def serve(commands: dict, result: dict) -> None:
 def worker_tpi(a: argparse.Namespace) -> None:
     import numpy as np
 
-    from tpicore.engine import Device, ResidentSource, TensorStore
+    from tpicore.runtime.device import Device, ResidentSource
+    from tpicore.weights.store import TensorStore
 
     store = TensorStore.from_model_dir(a.model)
     store.check()

@@ -40,8 +40,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (MODELS, cached_bytes, dir_bytes, drop_from_page_cache, ensure_model,  # noqa: E402
-                               print_table, run_worker, safetensors_files)
+from benchmarks.common import (  # noqa: E402
+    MODELS,
+    cached_bytes,
+    dir_bytes,
+    drop_from_page_cache,
+    ensure_model,
+    print_table,
+    run_worker,
+    safetensors_files,
+)
 
 PROMPT = 8
 
@@ -59,7 +67,8 @@ def worker(a: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     import numpy as np
 
-    from tpicore.engine import Device, ResidentSource, TensorStore
+    from tpicore.runtime.device import Device, ResidentSource
+    from tpicore.weights.store import TensorStore
 
     t_import = time.perf_counter()
     anon0 = rss_anon_bytes()

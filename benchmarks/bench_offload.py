@@ -32,8 +32,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (DEFAULT_ROOT, check_threads, drop_from_page_cache, ensure_model,  # noqa: E402
-                               print_table, run_worker, safetensors_files)
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_ROOT,
+    check_threads,
+    drop_from_page_cache,
+    ensure_model,
+    print_table,
+    run_worker,
+    safetensors_files,
+)
 
 MiB = 1 << 20
 # Our own copies of the benchmark models: a cold page cache cannot be had for files that another
@@ -60,9 +67,10 @@ def drop_all(paths: list[str]) -> None:
 def worker_tpi(a: argparse.Namespace) -> None:
     import numpy as np
 
-    from tpicore.engine import Device, TensorStore
-    from tpicore.memory import memory_report, page_cache_bytes
-    from tpicore.scheduler import WindowSource
+    from tpicore.runtime.device import Device
+    from tpicore.runtime.memory import memory_report, page_cache_bytes
+    from tpicore.runtime.window import WindowSource
+    from tpicore.weights.store import TensorStore
 
     check_threads(a.threads)
     store = TensorStore.from_model_dir(a.model_dir)
@@ -97,7 +105,7 @@ def worker_accelerate(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tpicore.memory import memory_report
+    from tpicore.runtime.memory import memory_report
 
     check_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -160,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         worker_accelerate(a)
         return 0
 
-    from tpicore.config import ModelConfig
-    from tpicore.planner import device_blocks
-    from tpicore.plan import plan_layouts
+    from tpicore.model.config import ModelConfig
+    from tpicore.model.split import plan_layouts
+    from tpicore.tools.planner import device_blocks
 
     model_dir = ensure_model(a.model, a.dtype, a.root)
     cfg = ModelConfig.from_dir(model_dir)

@@ -38,8 +38,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (DEFAULT_ROOT, check_threads, drop_from_page_cache, ensure_model,  # noqa: E402
-                               print_table, run_worker)
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_ROOT,
+    check_threads,
+    drop_from_page_cache,
+    ensure_model,
+    print_table,
+    run_worker,
+)
 
 MiB = 1 << 20
 # Our own copies of the benchmark models: a cold page cache cannot be had for files that another
@@ -63,9 +69,10 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 def worker_memory(a: argparse.Namespace) -> None:
     import numpy as np
 
-    from tpicore.engine import Device, TensorStore
-    from tpicore.memory import memory_report
-    from tpicore.scheduler import WindowSource
+    from tpicore.runtime.device import Device
+    from tpicore.runtime.memory import memory_report
+    from tpicore.runtime.window import WindowSource
+    from tpicore.weights.store import TensorStore
 
     check_threads(a.threads)
     store = TensorStore.from_shard_dir(a.shard)
@@ -95,9 +102,10 @@ def worker_memory(a: argparse.Namespace) -> None:
 
 
 def worker_overlap(a: argparse.Namespace) -> None:
-    from tpicore.engine import Device, ResidentSource, TensorStore
-    from tpicore.generate import generate
-    from tpicore.scheduler import WindowSource
+    from tpicore.runtime.device import Device, ResidentSource
+    from tpicore.runtime.generate import generate
+    from tpicore.runtime.window import WindowSource
+    from tpicore.weights.store import TensorStore
 
     check_threads(a.threads)
     store = TensorStore.from_model_dir(a.model_dir)
@@ -128,8 +136,8 @@ def worker_overlap(a: argparse.Namespace) -> None:
 
 
 def ensure_unique_shards(model: str, devices: int, unique_layers: int, dtype: str, ranks: list[int], root: str) -> str:
-    from tpicore.synth import preset_config
-    from tpicore.unique_synth import write_unique_shards
+    from tpicore.tools.synth import preset_config
+    from tpicore.tools.unique_synth import write_unique_shards
 
     out = os.path.join(root, f"{model}-n{devices}-k{unique_layers}-{dtype}")
     missing = [r for r in ranks if not os.path.exists(os.path.join(out, f"rank-{r}", "manifest.json"))]
@@ -143,9 +151,9 @@ def ensure_unique_shards(model: str, devices: int, unique_layers: int, dtype: st
 
 
 def run_memory(a: argparse.Namespace) -> list[dict]:
-    from tpicore.config import ModelConfig
-    from tpicore.planner import predict
-    from tpicore.synth import preset_config
+    from tpicore.model.config import ModelConfig
+    from tpicore.tools.planner import predict
+    from tpicore.tools.synth import preset_config
 
     rows = []
     for model in a.models:

@@ -27,7 +27,8 @@ import numpy as np
 from emulator.clock import WallClock
 from emulator.shaper import LinkSchedule, LinkShaper
 from emulator.topology import Device, Link, Topology, make_topology
-from tpicore.comm import Group, Kind, run_local_processes
+from tpicore.comm.transport import Group, run_local_processes
+from tpicore.comm.wire import Kind
 
 
 def _devices(n: int) -> list[Device]:

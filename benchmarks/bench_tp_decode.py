@@ -21,9 +21,10 @@ from common import ensure_model, print_table  # noqa: E402
 
 
 def one_process(model_dir: str, prompt: list[int], n_new: int, threads: int) -> dict:
-    from tpicore.engine import Device, ResidentSource, TensorStore
-    from tpicore.generate import generate
-    from tpicore.parallel import set_blas_threads
+    from tpicore.dist.tensor_parallel import set_blas_threads
+    from tpicore.runtime.device import Device, ResidentSource
+    from tpicore.runtime.generate import generate
+    from tpicore.weights.store import TensorStore
 
     set_blas_threads(threads)
     st = TensorStore.from_model_dir(model_dir)
@@ -46,7 +47,7 @@ def one_process(model_dir: str, prompt: list[int], n_new: int, threads: int) -> 
 
 
 def tensor_parallel(model_dir: str, prompt: list[int], n_new: int, n: int, algo: str) -> dict:
-    from tpicore.parallel import run_local
+    from tpicore.dist.tensor_parallel import run_local
 
     run_local(n, prompt, 2, model=model_dir, allreduce=algo)  # shard once + warm up
     gen, report = run_local(n, prompt, n_new, model=model_dir, allreduce=algo)

@@ -44,7 +44,7 @@ MODELS: dict[str, tuple[str, dict]] = {
 
 def ensure_model(name: str, dtype: str = "f32", root: str = DEFAULT_ROOT) -> str:
     """The checkpoint folder of a benchmark model, written once and reused (delete `root` to rebuild)."""
-    from tpicore import synth
+    from tpicore.tools import synth
 
     d = os.path.join(root, f"{name}-{dtype}")
     if not os.path.exists(os.path.join(d, "config.json")):

@@ -198,7 +198,7 @@ def _sync_start(group, lead_s: float) -> float:
     all processes on the host). The wire carries no float64: sent as its int64 bit pattern."""
     import numpy as np
 
-    from tpicore.comm import broadcast
+    from tpicore.comm.collectives import broadcast
 
     t = np.array([time.perf_counter() + lead_s]).view(np.int64) if group.rank == 0 else None
     return float(broadcast(group, t).view(np.float64)[0])
@@ -211,7 +211,8 @@ def measure(sweep: Sweep, clock: str, topos: dict[float, Any], reps: int) -> dic
 
     from emulator.clock import SPIN_S, VirtualClock, WallClock
     from emulator.shaper import LinkSchedule, LinkShaper
-    from tpicore.comm import allreduce, run_local_processes
+    from tpicore.comm.collectives import allreduce
+    from tpicore.comm.transport import run_local_processes
 
     n = len(next(iter(topos.values())))
     trials = [(algo, tau) for tau in topos for algo in sweep.algos]

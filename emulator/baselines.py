@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from tpicore.comm.wire import Kind, parse_json
-from tpicore.engine import Device, ResidentSource, TensorStore
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.weights.store import TensorStore
 from tpicore.errors import TpiError
 
 MODES_DOC = __doc__
@@ -51,7 +52,7 @@ def open_store(path: str) -> TensorStore:
 def device_layers(cfg, n_layers: int) -> list[range]:
     """The layers each rank runs: all of them (tensor parallel, one device) or its pipeline stage."""
     if cfg.options.mode == "pipeline":
-        from tpicore.pipeline import plan_stages
+        from tpicore.dist.pipeline import plan_stages
 
         return plan_stages(n_layers, cfg.world_size, cfg.ratios())
     return [range(n_layers)] * cfg.world_size
@@ -104,7 +105,7 @@ class TensorParallel:
         from dataclasses import fields
 
         from tpicore.comm.transport import Group
-        from tpicore.parallel import Master, RunOptions
+        from tpicore.dist.tensor_parallel import Master, RunOptions
 
         cfg = plan.cfg
         o = cfg.options
@@ -137,7 +138,7 @@ class Pipeline:
 
     def __init__(self, plan, store: TensorStore, max_seq: int, clock, shaper) -> None:
         from tpicore.comm.transport import Group
-        from tpicore.pipeline import PipelineMaster, make_stage
+        from tpicore.dist.pipeline import PipelineMaster, make_stage
 
         cfg = plan.cfg
         o = cfg.options
@@ -184,11 +185,11 @@ class OneDevice:
         if o.mode == "standalone":
             source = ResidentSource(store)
         elif o.mode == "offload":
-            from tpicore.offload import OnDemandSource
+            from tpicore.runtime.ondemand import OnDemandSource
 
             source = OnDemandSource(store, clock=clock, disk_read_mbps=disk, drop_cache=o.drop_cache)
         elif o.mode == "standalone+ms":
-            from tpicore.scheduler import WindowSource
+            from tpicore.runtime.window import WindowSource
 
             source = WindowSource(store, window=o.window, retain_every=o.retain_every, clock=clock,
                                   disk_read_mbps=disk, drop_cache=o.drop_cache)
@@ -229,7 +230,7 @@ def pipeline_fingerprint(plan) -> str:
 def pipeline_worker(plan, rank: int, clock, shaper) -> dict:
     """Serve steps from the previous stage until a stop comes down the pipeline; answer reports."""
     from tpicore.comm.transport import Group
-    from tpicore.pipeline import make_stage
+    from tpicore.dist.pipeline import make_stage
 
     cfg = plan.cfg
     n = cfg.world_size

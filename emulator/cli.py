@@ -87,7 +87,7 @@ def overrides_for(args: argparse.Namespace) -> list[tuple[str, object]]:
                  "options.allreduce": args.allreduce, "options.clock": args.clock}
         out += [parse_override(f"{k}={v}") for k, v in flags.items() if v is not None]  # values read as YAML
         if args.model:
-            from tpicore.synth import PRESETS
+            from tpicore.tools.synth import PRESETS
 
             if os.path.isdir(args.model):
                 out.append(("model", {"path": os.path.abspath(args.model)}))

@@ -241,7 +241,7 @@ def infeasible(cfg: RunConfig) -> str | None:
     """Why a point cannot run on this model, known from its shape alone (before preparing anything)."""
     if cfg.model.synth is None:
         return None
-    from tpicore.synth import PRESETS
+    from tpicore.tools.synth import PRESETS
 
     c = PRESETS[cfg.model.synth]
     layers, n = cfg.model.layers or c["num_hidden_layers"], cfg.world_size

@@ -84,7 +84,7 @@ def resolve_model(spec: ModelSpec, cache_dir: Path, quiet: bool = False) -> str:
         return str(out)
     import fcntl
 
-    from tpicore.synth import preset_config, write_checkpoint
+    from tpicore.tools.synth import preset_config, write_checkpoint
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{out}.lock", "w") as lock:
@@ -114,7 +114,7 @@ def _family(spec: ModelSpec, world_size: int, ratios: list[float] | None) -> str
 
 
 def unique_cache_dir(spec: ModelSpec, world_size: int, ratios: list[float] | None, cache_dir: Path) -> Path:
-    from tpicore.synth import PRESETS
+    from tpicore.tools.synth import PRESETS
 
     layers = spec.layers or PRESETS[spec.synth]["num_hidden_layers"]
     return cache_dir / "models" / (f"unique-{spec.synth}-{spec.unique_layers}of{layers}-{spec.dtype}-s{spec.seed}"
@@ -127,8 +127,8 @@ def derive_layers(src: Path, out: Path, layers: int, unique: int) -> None:
     (config, layer_map, fingerprint) and rank 0's config.json are rewritten. Atomic like the writer."""
     import shutil
 
-    from tpicore.shard import MANIFEST_FILE, manifest_text
-    from tpicore.unique_synth import NOTE
+    from tpicore.weights.manifest import MANIFEST_FILE, manifest_text
+    from tpicore.tools.unique_synth import NOTE
 
     tmp = Path(f"{out}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -155,7 +155,7 @@ def derive_layers(src: Path, out: Path, layers: int, unique: int) -> None:
 
 
 def _unique_config(spec: ModelSpec) -> dict:
-    from tpicore.synth import preset_config
+    from tpicore.tools.synth import preset_config
 
     config = preset_config(spec.synth)
     if spec.layers:
@@ -167,7 +167,7 @@ def unique_bytes(spec: ModelSpec) -> int:
     """Stored bytes of a unique-layer model (every rank's folder together): K layers + embedding + head."""
     import math
 
-    from tpicore.synth import DTYPES, checkpoint_tensors
+    from tpicore.tools.synth import DTYPES, checkpoint_tensors
 
     config = dict(_unique_config(spec), num_hidden_layers=spec.unique_layers)
     return sum(math.prod(shape) for _, shape in checkpoint_tensors(config)) * DTYPES[spec.dtype][2]
@@ -215,7 +215,7 @@ def unique_shards(spec: ModelSpec, world_size: int, ratios: list[float] | None, 
     if not complete():
         if not write:
             raise TpiError(f"{out}: unique-layer shards missing")
-        from tpicore.unique_synth import write_unique_shards
+        from tpicore.tools.unique_synth import write_unique_shards
 
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{out}.lock", "w") as lock:
@@ -247,7 +247,7 @@ def prepare(cfg: RunConfig, cache_dir: Path, quiet: bool) -> tuple[str, list[str
     folder; pipeline stages and one-device modes read the whole model (a checkpoint folder, or the
     one-device shard folder of a unique-layer model). Synthesis and sharding run in a child process
     (the writers' buffers never enter the supervisor, whose memory every device inherits)."""
-    from tpicore.shard import cached_shards
+    from tpicore.tools.shard import cached_shards
 
     spec, n, tp = cfg.model, cfg.world_size, cfg.options.tensor_parallel
     world = n if tp else 1  # what the weights are split for
@@ -321,7 +321,7 @@ def check_window(cfg: RunConfig) -> None:
     if cfg.options.window is None:
         return
     try:
-        from tpicore.scheduler import WindowSource
+        from tpicore.runtime.window import WindowSource
     except ImportError:
         raise TpiError(f"{cfg.source}: options.window: the sliding-window scheduler (tpicore.scheduler) is not "
                        f"in this checkout; use window: none") from None
@@ -414,7 +414,7 @@ def _device_main(plan: Plan, rank: int, gate_r: int, events_w: int, log_path: st
         if cfg.options.clock == "wall":
             apply_cores(threads, first=rank * threads)
         else:
-            from tpicore.parallel import set_blas_threads
+            from tpicore.dist.tensor_parallel import set_blas_threads
 
             os.environ.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
             set_blas_threads(1)
@@ -427,7 +427,7 @@ def _device_main(plan: Plan, rank: int, gate_r: int, events_w: int, log_path: st
 
             pipeline_worker(plan, rank, clock, shaper)
         else:
-            from tpicore.parallel import run_worker
+            from tpicore.dist.tensor_parallel import run_worker
 
             run_worker(rank, plan.addr, plan.shard_dirs[rank], plan.secret, cfg.options.timeout_s,
                        link_hook=shaper, clock=clock, disk_read_mbps=cfg.topology.devices[rank].disk_read_mbps)
@@ -445,7 +445,7 @@ def _master_main(plan: Plan, clock, shaper: LinkShaper, events_w: int) -> None:
     import numpy as np
 
     from emulator.baselines import open_driver, open_store
-    from tpicore.generate import Sampling, generate
+    from tpicore.runtime.generate import Sampling, generate
 
     def emit(obj: dict) -> None:
         data = (json.dumps(obj) + "\n").encode()
@@ -629,7 +629,7 @@ class Experiment:
         if cfg.options.tensor_parallel and cfg.options.window and not cfg.options.drop_cache:
             from dataclasses import fields
 
-            from tpicore.parallel import RunOptions
+            from tpicore.dist.tensor_parallel import RunOptions
 
             if "drop_cache" not in {f.name for f in fields(RunOptions)}:
                 warnings.append("options.drop_cache: false is not supported by tpicore.parallel.RunOptions in this "

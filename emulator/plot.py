@@ -344,9 +344,9 @@ def paper_formula_bytes(dims: dict, n: int, window: int = 2) -> int | None:
 
     dims = {k: v for k, v in (dims or {}).items() if v is not None and k != "torch_dtype"}
     try:
-        from tpicore.config import ModelConfig
-        from tpicore.plan import plan_layouts
-        from tpicore.planner import paper_peak_bytes
+        from tpicore.model.config import ModelConfig
+        from tpicore.model.split import plan_layouts
+        from tpicore.tools.planner import paper_peak_bytes
     except ImportError:  # the planner is not in this checkout: the formula with equal shares, below
         pass
     else:
@@ -1072,7 +1072,7 @@ def _predicted_stall(rec: dict) -> tuple[float, str] | None:
     if not window or not layers:
         return None
     try:
-        from tpicore.scheduler import retained_layers, simulate_window
+        from tpicore.runtime.window import retained_layers, simulate_window
     except ImportError:
         return None
     kept = retained_layers(layers, _get(rec, "config", "options", "retain_every") or 0)

@@ -117,7 +117,7 @@ class ModelSpec:
             raise TpiError(f"path/synth: give exactly one (a checkpoint folder, or a synthetic preset), "
                            f"got path={self.path!r}, synth={self.synth!r}")
         if self.synth is not None:
-            from tpicore.synth import PRESETS
+            from tpicore.tools.synth import PRESETS
 
             if self.synth not in PRESETS:
                 raise TpiError(f"synth: unknown preset {self.synth!r} (presets: {', '.join(PRESETS)})")
@@ -132,7 +132,7 @@ class ModelSpec:
             raise TpiError("layers/unique_layers/dtype/seed: apply to synth only (a checkpoint folder is used "
                            "as it is)")
         if self.unique_layers is not None:
-            from tpicore.synth import PRESETS
+            from tpicore.tools.synth import PRESETS
 
             _int(self.unique_layers, "unique_layers", 1)
             n = self.layers or PRESETS[self.synth]["num_hidden_layers"]

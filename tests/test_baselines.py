@@ -11,10 +11,11 @@ from emulator.baselines import resident_extra_bytes
 from emulator.clock import VirtualClock
 from emulator.launcher import Experiment, unique_shards
 from emulator.run_config import MODES, ModelSpec, load_run_config
-from tpicore.engine import Device, ResidentSource, TensorStore
 from tpicore.errors import TpiError
-from tpicore.generate import generate
-from tpicore.offload import OnDemandSource
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.generate import generate
+from tpicore.runtime.ondemand import OnDemandSource
+from tpicore.weights.store import TensorStore
 
 MiB = 2**20
 

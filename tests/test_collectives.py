@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from tpicore.comm import (
-    ALGOS, Collective, Group, PeerLost, PeerTimeout, allreduce, broadcast, open_listener, run_local_processes,
-)
+from tpicore.comm.collectives import ALGOS, Collective, allreduce, broadcast
+from tpicore.comm.transport import Group, open_listener, run_local_processes
+from tpicore.comm.wire import PeerLost, PeerTimeout
 from tpicore.errors import TpiError
 
 SIZES = [1, 7, 16384]  # floats: 4 B, odd (7 floats over 8 ranks leaves an empty ring chunk), 64 KiB

@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emulator.experiments import (EXPERIMENTS_DIR, ORDER, experiment_files, expand_sweep, load_experiment,
-                                  point_config, run_experiment)
+from emulator.experiments import (
+    EXPERIMENTS_DIR,
+    ORDER,
+    expand_sweep,
+    experiment_files,
+    load_experiment,
+    point_config,
+    run_experiment,
+)
 from emulator.report import read_jsonl
 from tpicore.errors import TpiError
 

@@ -51,8 +51,9 @@ def run(doc, tmp_path, cache, **kw):
 
 
 def single_process_tokens(model_dir, prompt, n):
-    from tpicore.engine import Device, ResidentSource, TensorStore
-    from tpicore.generate import generate
+    from tpicore.runtime.device import Device, ResidentSource
+    from tpicore.runtime.generate import generate
+    from tpicore.weights.store import TensorStore
 
     st = TensorStore.from_model_dir(model_dir)
     return generate(Device(st, ResidentSource(st), len(prompt) + n).step, prompt, n, max_seq=len(prompt) + n).tokens

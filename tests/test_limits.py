@@ -11,7 +11,13 @@ import textwrap
 
 import pytest
 
-from emulator.limits import BLAS_ENV_VARS, DeviceCgroup, MemoryWatchdog, blas_env, read_rss
+from emulator.limits import (
+    BLAS_ENV_VARS,
+    DeviceCgroup,
+    MemoryWatchdog,
+    blas_env,
+    read_rss,
+)
 from tpicore.errors import TpiError
 
 MiB = 2**20

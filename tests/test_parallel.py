@@ -13,12 +13,13 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import hf_logits
-from tpicore.engine import Device, ResidentSource, TensorStore
+
+from tpicore.dist.tensor_parallel import ParallelSession, run_local
 from tpicore.errors import TpiError
-from tpicore.generate import generate
-from tpicore.parallel import ParallelSession, run_local
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.generate import generate
+from tpicore.weights.store import TensorStore
 
 PROMPT = [1, 17, 42, 99, 5]
 NEW = 8
@@ -129,7 +130,7 @@ def _recording_worker(rank, addr, shard_dir, secret, timeout_s, blas, log_path):
         return data
 
     socket_mod.socket.recv_into, socket_mod.socket.recv = recv_into, recv
-    from tpicore import parallel
+    from tpicore.dist import tensor_parallel as parallel
 
     parallel._local_worker_main(rank, addr, shard_dir, secret, timeout_s, blas)
 
@@ -158,7 +159,7 @@ def frames_per_socket(path):
 
 def test_workers_never_see_token_ids_or_text(hf_models, tmp_path, monkeypatch):
     """Record every frame a worker receives; none carries token ids or text."""
-    from tpicore import parallel
+    from tpicore.dist import tensor_parallel as parallel
 
     model_dir, _ = hf_models("wide")
     prompt = [101, 17, 42, 99, 77, 130, 64, 12]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import hf_logits
-from tpicore import model as M
-from tpicore.engine import Device, ResidentSource, TensorStore
-from tpicore.generate import generate
+
+from tpicore.model import llama as M
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.generate import generate
+from tpicore.weights.store import TensorStore
 
 PROMPT = [1, 17, 42, 99, 5, 130, 64]
 
@@ -75,7 +76,7 @@ def test_prefill_in_chunks_equals_one_prefill(hf_models):
 
 
 def test_sampling_is_seeded_and_respects_top_k(hf_models):
-    from tpicore.generate import Sampling
+    from tpicore.runtime.generate import Sampling
 
     model_dir, _ = hf_models("gqa")
     s = Sampling(temperature=0.8, top_k=5, top_p=0.9, seed=7)

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from tpicore.engine import Device, ResidentSource, TensorStore
+from tpicore.dist.pipeline import plan_stages, run_local
 from tpicore.errors import TpiError
-from tpicore.generate import generate
-from tpicore.pipeline import plan_stages, run_local
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.generate import generate
+from tpicore.weights.store import TensorStore
 
 
 def test_plan_stages_partition():

@@ -11,11 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpicore import model as M
-from tpicore.config import ModelConfig
 from tpicore.errors import TpiError
-from tpicore.plan import ATTN_LEAVES, FFN_LEAVES, Layout, parse_ratios, plan_layouts, shard_slice
-from tpicore.weights import Checkpoint
+from tpicore.model import llama as M
+from tpicore.model.config import ModelConfig
+from tpicore.model.split import (
+    ATTN_LEAVES,
+    FFN_LEAVES,
+    Layout,
+    parse_ratios,
+    plan_layouts,
+    shard_slice,
+)
+from tpicore.weights.checkpoint import Checkpoint
 
 
 def make_cfg(H: int, Hkv: int, F: int, Dh: int = 8) -> ModelConfig:

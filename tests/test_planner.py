@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from tpicore.cli import main
-from tpicore.config import ModelConfig
-from tpicore.engine import Device, TensorStore, head_row_ranges
 from tpicore.errors import TpiError
-from tpicore.generate import generate
-from tpicore.plan import plan_layouts
-from tpicore.planner import device_blocks, paper_peak_bytes, predict
-from tpicore.scheduler import WindowSource, check_steady, simulate_window
+from tpicore.model.config import ModelConfig
+from tpicore.model.split import plan_layouts
+from tpicore.runtime.device import Device
+from tpicore.runtime.generate import generate
+from tpicore.runtime.window import WindowSource, check_steady, simulate_window
+from tpicore.tools.planner import device_blocks, paper_peak_bytes, predict
+from tpicore.weights.store import TensorStore, head_row_ranges
 
 MS = 1e-3
 
@@ -66,7 +67,7 @@ def test_replay_matches_the_conditions():
 
 
 def preset(name: str) -> ModelConfig:
-    from tpicore.synth import preset_config
+    from tpicore.tools.synth import preset_config
 
     return ModelConfig.from_dict(preset_config(name))
 
@@ -135,8 +136,8 @@ def test_plan_cli_reads_checkpoints_and_shards(capsys, hf_models, tmp_path):
     assert main(["plan", "--model", model_dir, "--devices", "2", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["stored_bytes_per_weight"] == 2 and len(rep["per_device"]) == 2
-    from tpicore.synth import preset_config
-    from tpicore.unique_synth import write_unique_shards
+    from tpicore.tools.synth import preset_config
+    from tpicore.tools.unique_synth import write_unique_shards
 
     write_unique_shards(preset_config("tiny"), str(tmp_path / "u"), 2, 1, "f32", 0)
     assert main(["plan", "--model", str(tmp_path / "u"), "--json"]) == 0
@@ -151,9 +152,9 @@ def test_plan_cli_reads_checkpoints_and_shards(capsys, hf_models, tmp_path):
 
 
 def test_unique_shards_with_all_layers_equal_synth_then_shard(tmp_path):
-    from tpicore.shard import shard_checkpoint, verify_shard
-    from tpicore.synth import preset_config, write_checkpoint
-    from tpicore.unique_synth import write_unique_shards
+    from tpicore.tools.shard import shard_checkpoint, verify_shard
+    from tpicore.tools.synth import preset_config, write_checkpoint
+    from tpicore.tools.unique_synth import write_unique_shards
 
     cfg = preset_config("tiny")
     write_checkpoint(cfg, tmp_path / "hf", dtype="bf16", seed=3, progress=False)
@@ -169,9 +170,9 @@ def test_unique_shards_with_all_layers_equal_synth_then_shard(tmp_path):
 
 
 def test_unique_shards_map_layers_and_run(tmp_path):
-    from tpicore.shard import read_manifest
-    from tpicore.synth import preset_config
-    from tpicore.unique_synth import write_unique_shards
+    from tpicore.tools.synth import preset_config
+    from tpicore.tools.unique_synth import write_unique_shards
+    from tpicore.weights.manifest import read_manifest
 
     cfg = dict(preset_config("tiny"), num_hidden_layers=5)
     dirs = write_unique_shards(cfg, str(tmp_path / "u"), 2, 2, "bf16", 0)

@@ -213,7 +213,7 @@ def test_memory_over_the_cap_is_oom_but_its_times_stand():
 
 
 def test_stall_is_replayed_from_measured_block_times_when_not_predicted():
-    from tpicore.scheduler import simulate_window
+    from tpicore.runtime.window import simulate_window
 
     rec = dict(line("x", {}, window=2), **window_stats(tau_ms=20, stall_ms=15))
     pred, how = plot._predicted_stall(rec)
@@ -228,7 +228,7 @@ def test_stall_is_replayed_from_measured_block_times_when_not_predicted():
 
 def test_paper_formula_matches_the_planner_for_equal_shares():
     """The fallback formula (planner not importable) agrees with tpicore.planner where shares are equal."""
-    from tpicore.synth import preset_config
+    from tpicore.tools.synth import preset_config
 
     dims = {k: v for k, v in preset_config("llama-2-7b").items() if k in TINY}
     via_planner = plot.paper_formula_bytes(dims, 8, 2)

@@ -13,10 +13,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from tpicore.engine import Device, ResidentSource, TensorStore, head_row_ranges
 from tpicore.errors import TpiError
-from tpicore.generate import generate
-from tpicore.scheduler import READ_BYTES, WindowSource, retained_layers
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.generate import generate
+from tpicore.runtime.window import READ_BYTES, WindowSource, retained_layers
+from tpicore.weights.store import TensorStore, head_row_ranges
 
 PROMPT = [1, 17, 42, 99, 5, 130, 64]
 VOCAB = 1000  # several LM-head chunks on the tiny models (hidden 48): the streamed head is exercised
@@ -81,7 +82,7 @@ def test_sharded_checkpoint_and_window_edge_cases(hf_models):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_window_equals_resident_parallel(hf_models, tmp_path, monkeypatch, n):
-    from tpicore.parallel import run_local
+    from tpicore.dist.tensor_parallel import run_local
 
     monkeypatch.setenv("TPI_CACHE_DIR", str(tmp_path))
     model_dir, _ = hf_models("gqa", "bfloat16", vocab_size=VOCAB)
@@ -97,10 +98,11 @@ def test_window_equals_resident_parallel(hf_models, tmp_path, monkeypatch, n):
 
 MEASURE = textwrap.dedent("""
     import json, sys
-    from tpicore.engine import Device, ResidentSource, TensorStore
-    from tpicore.generate import generate
-    from tpicore.memory import memory_report
-    from tpicore.scheduler import WindowSource
+    from tpicore.runtime.device import Device, ResidentSource
+    from tpicore.runtime.generate import generate
+    from tpicore.runtime.memory import memory_report
+    from tpicore.runtime.window import WindowSource
+    from tpicore.weights.store import TensorStore
     model_dir, window = sys.argv[1], int(sys.argv[2])
     store = TensorStore.from_model_dir(model_dir)
     source = WindowSource(store, window=window) if window else ResidentSource(store)
@@ -132,7 +134,7 @@ def drop_page_cache(model_dir: str) -> None:
 @pytest.fixture(scope="module")
 def mid_model(tmp_path_factory):
     """8 layers of hidden 1024 (bf16 on disk, ~0.2 GB; 0.4 GB as float32 in memory)."""
-    from tpicore.synth import llama_config, write_checkpoint
+    from tpicore.tools.synth import llama_config, write_checkpoint
 
     cfg = llama_config(hidden=1024, layers=8, heads=8, kv_heads=8, ffn=2816, vocab=512, max_pos=64)
     out = tmp_path_factory.mktemp("mid") / "m"
@@ -199,7 +201,7 @@ def test_fast_disk_stalls_are_near_zero(hf_models):
 
 
 def test_trace_shows_loads_beside_compute(hf_models, tmp_path):
-    from tpicore.session import write_trace
+    from tpicore.runtime.session import write_trace
 
     model_dir, _ = hf_models("gqa", "float32", vocab_size=VOCAB)
     store = TensorStore.from_model_dir(model_dir)

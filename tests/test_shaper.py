@@ -19,8 +19,9 @@ from emulator.clock import VirtualClock, WallClock
 from emulator.shaper import PACKET_BYTES, LinkSchedule, LinkShaper
 from emulator.tc import NO_NETEM, TcNetwork, tc_available
 from emulator.topology import Device, Link, Topology, load_topology, make_topology
-from tpicore.comm import Group, Kind, allreduce, broadcast, run_local_processes
-from tpicore.comm.wire import HEADER_NBYTES
+from tpicore.comm.collectives import allreduce, broadcast
+from tpicore.comm.transport import Group, run_local_processes
+from tpicore.comm.wire import HEADER_NBYTES, Kind
 from tpicore.errors import TpiError
 
 MiB = 2**20

@@ -16,13 +16,19 @@ import numpy as np
 import pytest
 
 from tpicore import cli
-from tpicore import model as M
-from tpicore import shard as S
-from tpicore.config import ModelConfig
-from tpicore.engine import TensorStore
 from tpicore.errors import TpiError
-from tpicore.plan import ATTN_LEAVES, FFN_LEAVES, MASTER_ONLY, plan_layouts, shard_slice
-from tpicore.weights import Checkpoint
+from tpicore.model import llama as M
+from tpicore.model.config import ModelConfig
+from tpicore.model.split import (
+    ATTN_LEAVES,
+    FFN_LEAVES,
+    MASTER_ONLY,
+    plan_layouts,
+    shard_slice,
+)
+from tpicore.tools import shard as S
+from tpicore.weights.checkpoint import Checkpoint
+from tpicore.weights.store import TensorStore
 
 DUMMY_MASTER_FILES = {"tokenizer.json": '{"version": "1.0"}\n', "tokenizer_config.json": '{"bos_token": "<s>"}\n',
                       "chat_template.jinja": "{{ messages }}\n", "special_tokens_map.json": "{}\n"}
@@ -367,7 +373,7 @@ def peak_rss_script(body: str) -> str:
             with open("/proc/self/status") as f:
                 return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
-        from tpicore.shard import shard_checkpoint
+        from tpicore.tools.shard import shard_checkpoint
         before, ru_before = hwm_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     """) + textwrap.dedent(body) + textwrap.dedent("""
         after, ru_after = hwm_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tpicore import synth
 from tpicore.errors import TpiError
+from tpicore.tools import synth
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESETS = ["tiny", "tiny-mha", "tiny-llama3", "tiny-headdim", "tiny-bias", "tiny-tied"]
@@ -260,7 +260,7 @@ def test_peak_memory_is_far_below_checkpoint_size(tmp_path):
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of this (torch-sized)
     # pytest process would report the parent's footprint.
     code = ("import json, re, sys\n"
-            "from tpicore import synth\n"
+            "from tpicore.tools import synth\n"
             "synth.write_checkpoint(json.loads(sys.argv[1]), sys.argv[2], progress=False)\n"
             "status = open('/proc/self/status').read()\n"
             "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)) * 1024)\n")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tpicore import synth
 from tpicore.errors import TpiError
 from tpicore.tokenizer import StreamDecoder, Tokenizer
+from tpicore.tools import synth
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -58,7 +58,8 @@ def synth_tokenizer_config(style: str, vocab: int) -> dict:
 
 def metaspace_tokenizer_json() -> str:
     """A SentencePiece-like BPE (Metaspace, as in Llama 2's own tokenizer.json) with <unk>/<s>/</s>."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     tok = Backend(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)

@@ -7,8 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emulator.topology import (Device, Link, Topology, load_topology, make_topology, parse_bytes, parse_mbps,
-                               parse_ms, topology_from_dict)
+from emulator.topology import (
+    Device,
+    Link,
+    Topology,
+    load_topology,
+    make_topology,
+    parse_bytes,
+    parse_mbps,
+    parse_ms,
+    topology_from_dict,
+)
 from tpicore.errors import TpiError
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "topologies"

@@ -12,11 +12,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpicore.comm import Group, Kind, PeerLost, PeerTimeout, ProtocolError, open_listener
-from tpicore.comm.transport import Channel, _join_peer
+from tpicore.comm.transport import Channel, Group, _join_peer, open_listener
 from tpicore.comm.wire import (
-    DEFAULT_MAX_NBYTES, HEADER, HEADER_NBYTES, MAGIC, PROTOCOL_VERSION, DType, header_for, json_payload,
-    pack_header, parse_json, recv_frame, recv_tensor_into, send_frame, unpack_header,
+    DEFAULT_MAX_NBYTES,
+    HEADER,
+    HEADER_NBYTES,
+    MAGIC,
+    PROTOCOL_VERSION,
+    DType,
+    Kind,
+    PeerLost,
+    PeerTimeout,
+    ProtocolError,
+    header_for,
+    json_payload,
+    pack_header,
+    parse_json,
+    recv_frame,
+    recv_tensor_into,
+    send_frame,
+    unpack_header,
 )
 from tpicore.errors import TpiError
 

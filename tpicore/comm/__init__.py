@@ -1,4 +1,6 @@
-"""Communication between devices: the wire format, TCP transport, and collectives.
+"""Layer 1, comm (beside model): the wire format, TCP transport, and collectives.
+
+Imports only tpicore.errors; must not import model, weights, runtime, tools, dist or cli.
 
 Owns everything that crosses a process boundary at inference time and nothing about the model.
 Layering, each module using only the ones above it:
@@ -7,12 +9,3 @@ Layering, each module using only the ones above it:
     transport.py    Channel (one peer), Group (rendezvous, handshake, HMAC auth, mesh, link hook)
     collectives.py  allreduce (star / ring / tree), broadcast, Collective (the model's `allreduce`)
 """
-
-from tpicore.comm.collectives import ALGOS, Collective, allreduce, broadcast
-from tpicore.comm.transport import Channel, Group, LinkHook, open_listener, run_local_processes
-from tpicore.comm.wire import Kind, PeerLost, PeerTimeout, ProtocolError
-
-__all__ = [
-    "ALGOS", "Channel", "Collective", "Group", "Kind", "LinkHook", "PeerLost", "PeerTimeout", "ProtocolError",
-    "allreduce", "broadcast", "open_listener", "run_local_processes",
-]

@@ -44,9 +44,26 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from tpicore.comm.wire import (
-    DEFAULT_MAX_NBYTES, HEADER_NBYTES, PROTOCOL_VERSION, Header, Kind, PeerLost, PeerTimeout, ProtocolError,
-    check_fits, contiguous, header_for, json_payload, parse_json, payload_view, recv_frame, recv_into,
-    recv_payload, send_buffers, set_kernel_timeouts, unpack_header,
+    DEFAULT_MAX_NBYTES,
+    HEADER_NBYTES,
+    PROTOCOL_VERSION,
+    Header,
+    Kind,
+    PeerLost,
+    PeerTimeout,
+    ProtocolError,
+    check_fits,
+    contiguous,
+    header_for,
+    json_payload,
+    parse_json,
+    payload_view,
+    recv_frame,
+    recv_into,
+    recv_payload,
+    send_buffers,
+    set_kernel_timeouts,
+    unpack_header,
 )
 from tpicore.errors import TpiError
 

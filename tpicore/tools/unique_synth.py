@@ -31,9 +31,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tpicore.config import ModelConfig
 from tpicore.errors import TpiError
-from tpicore.plan import plan_layouts, shard_slice
+from tpicore.model.config import ModelConfig
+from tpicore.model.split import plan_layouts, shard_slice
+from tpicore.tools import synth
+from tpicore.tools.shard import ShardWriter, check_ratios
+from tpicore.weights.manifest import FORMAT, MANIFEST_FILE, SHARD_FILE, manifest_text
 
 NOTE = ("synthetic model with {k} distinct layers repeated over {l}: its outputs are meaningless; "
         "timing and memory are real")
@@ -84,8 +87,6 @@ def write_unique_shards(config: dict, out_dir: str, world_size: int, unique_laye
     `ranks` limits the output to some ranks (their files are what those devices would hold). Returns the
     folders written, in rank order.
     """
-    from tpicore import synth
-    from tpicore.shard import FORMAT, MANIFEST_FILE, SHARD_FILE, ShardWriter, check_ratios, manifest_text
 
     if dtype not in synth.DTYPES:
         raise TpiError(f"--dtype: expected one of {', '.join(synth.DTYPES)}, got {dtype!r}")
@@ -188,7 +189,6 @@ def _write(path: str, text: str) -> None:
 def _stream(tensors: list, layouts: list, cfg: ModelConfig, writers: dict, dtype: str, seed: int, total: int,
             quiet: bool) -> None:
     """Generate every stored tensor once, in row blocks, and give each rank its part of each block."""
-    from tpicore import synth
 
     if dtype == "bf16":
         import ml_dtypes

@@ -26,7 +26,6 @@ what was read and, after fdatasync, of what was written (machine.md: fadvise ign
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import json
@@ -41,15 +40,30 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tpicore.config import ModelConfig, read_json
-from tpicore.engine import TensorStore
 from tpicore.errors import TpiError
-from tpicore.plan import Layout, parse_ratios, plan_layouts, shard_slice, split_leaf
-from tpicore.weights import DTYPES, Checkpoint, TensorInfo, read_safetensors_header
+from tpicore.model.config import ModelConfig, read_json
+from tpicore.model.split import (
+    Layout,
+    parse_ratios,
+    plan_layouts,
+    shard_slice,
+    split_leaf,
+)
+from tpicore.weights.checkpoint import (
+    DTYPES,
+    Checkpoint,
+    TensorInfo,
+    read_safetensors_header,
+)
+from tpicore.weights.manifest import (
+    FORMAT,
+    MANIFEST_FILE,
+    SHARD_FILE,
+    manifest_text,
+    read_manifest,
+)
+from tpicore.weights.store import TensorStore
 
-FORMAT = "tpicore-shard/1"
-SHARD_FILE = "shard.safetensors"
-MANIFEST_FILE = "manifest.json"
 # Copied into rank 0 only, when present: the master is the one process that reads configs and tokenizes.
 MASTER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "chat_template.jinja", "special_tokens_map.json")
@@ -62,11 +76,6 @@ SAMPLE_BYTES = 4096  # leading bytes of every source tensor that go into the fin
 PROGRESS_MIN_BYTES = 256 << 20  # report progress on stderr only for models at least this big
 PROGRESS_EVERY_S = 2.0
 
-MANIFEST_FIELDS: dict[str, type] = {
-    "format": str, "fingerprint": str, "rank": int, "world_size": int, "ratios": list, "layout": dict,
-    "config": dict, "layer_map": list, "files": list, "tensors": dict,
-}
-TENSOR_FIELDS: dict[str, type] = {"file": str, "shape": list, "dtype": str, "offset": int, "nbytes": int, "crc32": int}
 
 
 class OutputExists(TpiError):
@@ -401,19 +410,6 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def manifest_text(man: dict[str, Any]) -> str:
-    """The manifest as JSON with one line per top-level field and one line per tensor, for reading by eye."""
-    def one(v: Any) -> str:
-        return json.dumps(v, separators=(", ", ": "))
-
-    fields = []
-    for key, value in man.items():
-        if key == "tensors":
-            rows = ",\n".join(f"  {json.dumps(name)}: {one(t)}" for name, t in value.items())
-            fields.append(f' "tensors": {{\n{rows}\n }}')
-        else:
-            fields.append(f" {json.dumps(key)}: {one(value)}")
-    return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
 def _write_text(path: str, text: str) -> None:
@@ -545,74 +541,10 @@ def shard_checkpoint(model_dir: str, out_dir: str, world_size: int, ratios: Iter
 # Reading and checking shard folders
 
 
-def _type_name(t: type) -> str:
-    return {str: "a string", int: "an integer", list: "a list", dict: "an object"}[t]
 
 
-def _is(value: Any, t: type) -> bool:
-    return isinstance(value, t) and not (t is int and isinstance(value, bool))
 
 
-def read_manifest(shard_dir: str) -> dict[str, Any]:
-    """Load and validate `shard_dir/manifest.json`; errors name the file and the field."""
-    path = os.path.join(shard_dir, MANIFEST_FILE)
-    man = read_json(path)
-
-    def bad(field: str, what: str) -> TpiError:
-        return TpiError(f"{path}: field {field!r}: {what}")
-
-    for key, t in MANIFEST_FIELDS.items():
-        if key not in man:
-            raise TpiError(f"{path}: missing field {key!r}")
-        if not _is(man[key], t):
-            raise bad(key, f"expected {_type_name(t)}, got {json.dumps(man[key])[:60]}")
-    if man["format"] != FORMAT:
-        raise bad("format", f"expected {FORMAT!r}, got {man['format']!r} (written by another version; re-run tpi shard)")
-    if not re.fullmatch(r"[0-9a-f]{16,128}", man["fingerprint"]):
-        raise bad("fingerprint", f"expected a hex digest, got {man['fingerprint']!r}")
-    n, rank = man["world_size"], man["rank"]
-    if n < 1:
-        raise bad("world_size", f"expected >= 1, got {n}")
-    if not 0 <= rank < n:
-        raise bad("rank", f"expected 0..{n - 1}, got {rank}")
-    if len(man["ratios"]) != n or not all((_is(r, int) or _is(r, float)) and r > 0 for r in man["ratios"]):
-        raise bad("ratios", f"expected {n} positive numbers, got {man['ratios']}")
-    try:
-        layout = Layout.from_json(man["layout"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise bad("layout", f"malformed ({e!r})") from None
-    if (layout.rank, layout.world_size) != (rank, n):
-        raise bad("layout", f"is for rank {layout.rank} of {layout.world_size}, the manifest for rank {rank} of {n}")
-    gen = man.get("generation_config")
-    if gen is not None and not isinstance(gen, dict):
-        raise bad("generation_config", "expected an object or null")
-    if not all(_is(i, int) and i >= 0 for i in man["layer_map"]):
-        raise bad("layer_map", "expected a list of non-negative integers")
-    n_layers = man["config"].get("num_hidden_layers")
-    if _is(n_layers, int) and len(man["layer_map"]) != n_layers:
-        raise bad("layer_map", f"has {len(man['layer_map'])} entries for {n_layers} layers")
-    files = man["files"]
-    if not files or not all(isinstance(f, str) and f and os.path.basename(f) == f and f not in (".", "..")
-                            for f in files):
-        raise bad("files", f"expected plain file names in the shard folder, got {files}")
-    for name, t in man["tensors"].items():
-        where = f"tensors[{name!r}]"
-        if not isinstance(t, dict):
-            raise bad(where, "expected an object")
-        for key, typ in TENSOR_FIELDS.items():
-            if key not in t:
-                raise TpiError(f"{path}: {where}: missing field {key!r}")
-            if not _is(t[key], typ):
-                raise TpiError(f"{path}: {where}: field {key!r}: expected {_type_name(typ)}, got {t[key]!r}")
-        if t["file"] not in files:
-            raise TpiError(f"{path}: {where}: field 'file': {t['file']!r} is not listed in 'files'")
-        if t["dtype"] not in DTYPES:
-            raise TpiError(f"{path}: {where}: field 'dtype': unsupported {t['dtype']!r}")
-        if not all(_is(s, int) and s >= 0 for s in t["shape"]):
-            raise TpiError(f"{path}: {where}: field 'shape': expected non-negative integers, got {t['shape']}")
-        if t["nbytes"] != int(np.prod(t["shape"], dtype=np.int64)) * DTYPES[t["dtype"]].itemsize:
-            raise TpiError(f"{path}: {where}: field 'nbytes': {t['nbytes']} does not match shape {t['shape']} {t['dtype']}")
-    return man
 
 
 def verify_shard(shard_dir: str) -> int:
@@ -729,24 +661,5 @@ def cached_shards(model_dir: str, world_size: int, ratios: Iterable[float] | Non
 # CLI
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF checkpoint folder (config.json, *.safetensors)")
-    p.add_argument("--devices", type=int, required=True, help="number of devices to split for")
-    p.add_argument("--ratios", help="per-device share, e.g. 3,2,2,1 (default equal)")
-    p.add_argument("--out", required=True, help="output folder; gets rank-0 .. rank-(N-1)")
-    p.add_argument("--force", action="store_true", help="replace an existing shard output folder")
-    p.add_argument("--verify", action="store_true", help="re-read every shard and check its CRC32s after writing")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-def run(args: argparse.Namespace) -> int:
-    ratios = parse_ratios(args.ratios, args.devices) if args.devices >= 1 else None
-    folders = shard_checkpoint(args.model, args.out, args.devices, ratios, force=args.force, quiet=args.quiet)
-    if args.verify:
-        for d in folders:
-            verify_shard(d)
-        if not args.quiet:
-            print(f"shard: verified {len(folders)} folders", file=sys.stderr)
-    for d in folders:
-        print(d)
-    return 0

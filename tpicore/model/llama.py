@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from tpicore.config import ModelConfig
+from tpicore.model.config import ModelConfig
 
 Weights = dict[str, np.ndarray]
 AllReduce = Callable[[np.ndarray], np.ndarray]

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpicore.config import ModelConfig
 from tpicore.errors import TpiError
+from tpicore.model.config import ModelConfig
 
 # leaf name (under model.layers.{i}.) -> (split by, axis) ; None = replicated on every rank
 SPLIT_PLAN: dict[str, tuple[str, int] | None] = {
@@ -173,3 +173,23 @@ def shard_slice(name: str, layout: Layout, cfg: ModelConfig) -> tuple[int, int, 
         return axis, layout.ffn[0], layout.ffn[1]
     lo, hi = layout.heads if by == "heads" else layout.kv_heads
     return axis, lo * cfg.head_dim, hi * cfg.head_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks: the units a device runs, loads and times
+
+Block = tuple[str, int]  # ("pre" | "attn" | "ffn" | "post", layer index; -1 for pre/post; chunk c for ("post", c))
+
+
+def block_order(n_layers: int, master: bool, head_chunks: int | None = None) -> list[Block]:
+    """The cyclic order in which one token's forward pass visits blocks on a device.
+
+    With `head_chunks`, Post is that many blocks ("post", 0..C-1), one per vocabulary chunk of the LM
+    head (the window scheduler streams the head); without, one block ("post", -1) holding it whole.
+    """
+    order: list[Block] = [("pre", -1)] if master else []
+    for layer in range(n_layers):
+        order += [("attn", layer), ("ffn", layer)]
+    if not master:
+        return order
+    return order + ([("post", c) for c in range(head_chunks)] if head_chunks is not None else [("post", -1)])

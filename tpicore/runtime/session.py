@@ -15,7 +15,9 @@ import tempfile
 
 import numpy as np
 
-from tpicore.engine import BlockSource, Device, ResidentSource, TensorStore, Timers
+from tpicore.runtime.device import BlockSource, Device, ResidentSource, Timers
+from tpicore.runtime.window import WindowSource
+from tpicore.weights.store import TensorStore
 
 
 def make_source(store: TensorStore, window: int | None, retain_every: int = 0, no_window: bool = False,
@@ -23,7 +25,6 @@ def make_source(store: TensorStore, window: int | None, retain_every: int = 0, n
     """All-resident weights, or the sliding-window scheduler when a window is asked for."""
     if window is None or no_window:
         return ResidentSource(store)
-    from tpicore.scheduler import WindowSource
 
     return WindowSource(store, window=window, retain_every=retain_every, **kwargs)
 

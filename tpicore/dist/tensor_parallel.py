@@ -25,8 +25,14 @@ import numpy as np
 from tpicore.comm import collectives as C
 from tpicore.comm.transport import Group, open_listener
 from tpicore.comm.wire import Kind, parse_json
-from tpicore.engine import Device, TensorStore, Timers
+from tpicore.runtime.device import Device, Timers
+from tpicore.weights.store import TensorStore
 from tpicore.errors import TpiError
+from tpicore.model.split import parse_ratios
+from tpicore.runtime.generate import Sampling, generate
+from tpicore.runtime.session import make_source
+from tpicore.runtime.session import write_trace
+from tpicore.tools.shard import cached_shards
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -65,7 +71,6 @@ def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None,
     (`WindowSource(clock=, disk_read_mbps=)`), which charges each load bytes / bandwidth on the loader's
     own timeline. Without them the scheduler reads at the host's speed in real time. `opts.drop_cache`
     is passed to the scheduler as is."""
-    from tpicore.session import make_source
 
     if opts.window:
         disk = {}
@@ -259,8 +264,6 @@ def shard_dirs_for(args: argparse.Namespace, world_size: int) -> list[str]:
         if not os.path.isdir(dirs[0]):
             raise TpiError(f"--shards: {dirs[0]} not found (expected the output folder of `tpi shard`)")
         return dirs
-    from tpicore.plan import parse_ratios
-    from tpicore.shard import cached_shards
 
     return cached_shards(args.model, world_size, parse_ratios(args.ratios, world_size))
 
@@ -277,8 +280,6 @@ class ParallelSession:
         self.dirs = shard_dirs_for(args, n) if not args.listen else None
         master_dir = self.dirs[0] if self.dirs else os.path.join(args.shards, "rank-0") if args.shards else None
         if args.listen and not args.shards:
-            from tpicore.plan import parse_ratios
-            from tpicore.shard import cached_shards
 
             master_dir = cached_shards(args.model, n, parse_ratios(args.ratios, n))[0]
         self.store = TensorStore.from_shard_dir(master_dir)
@@ -346,7 +347,6 @@ class ParallelSession:
         }
 
     def write_trace(self, path: str) -> None:
-        from tpicore.session import write_trace
 
         reports = self.master.reports or self.master.finish()
         per_rank = {}
@@ -376,26 +376,8 @@ class ParallelSession:
 # `tpi worker`
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rank", type=int, required=True, help="this device's rank (1..N-1)")
-    p.add_argument("--master", required=True, metavar="HOST:PORT", help="where the master listens")
-    p.add_argument("--shards", required=True, help="this device's shard folder (rank-R from `tpi shard`)")
-    p.add_argument("--secret-file", help="shared secret (the same file as the master's)")
-    p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S)
-    p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: all cores)")
 
 
-def run(args: argparse.Namespace) -> int:
-    shard_dir = args.shards
-    if os.path.isdir(os.path.join(shard_dir, f"rank-{args.rank}")):
-        shard_dir = os.path.join(shard_dir, f"rank-{args.rank}")
-    host = args.master.rpartition(":")[0]
-    secret = read_secret(args.secret_file)
-    if not is_loopback(host) and secret is None:
-        raise TpiError("--secret-file is required to join a master on another host")
-    report = run_worker(args.rank, args.master, shard_dir, secret, args.timeout_s, args.threads)
-    print(f"rank {args.rank}: done, peak RSS {report['peak_rss_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,7 +389,6 @@ def run_local(world_size: int, prompt_ids: list[int], max_new_tokens: int, *, mo
               window: int | None = None, retain_every: int = 0, timeout_s: float = 30.0,
               keep_logits: bool = False, sampling=None):
     """Generate with `world_size` local processes; returns (Generation, session report)."""
-    from tpicore.generate import Sampling, generate
 
     args = argparse.Namespace(devices=world_size, model=model, shards=shards, ratios=ratios, allreduce=allreduce,
                               listen=None, secret_file=None, timeout_s=timeout_s, window=window,

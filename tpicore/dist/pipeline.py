@@ -15,9 +15,14 @@ import numpy as np
 
 from tpicore.comm.transport import Group
 from tpicore.comm.wire import Kind, parse_json
-from tpicore.engine import Device, ResidentSource, TensorStore
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.weights.store import TensorStore
 from tpicore.errors import TpiError
-from tpicore.plan import apportion
+from tpicore.model.split import apportion
+from tpicore.comm.transport import open_listener
+from tpicore.dist.tensor_parallel import LocalWorkers
+from tpicore.dist.tensor_parallel import set_blas_threads
+from tpicore.runtime.generate import generate
 
 
 def plan_stages(n_layers: int, world_size: int, ratios: list[float] | None = None) -> list[range]:
@@ -88,7 +93,6 @@ def _local_stage_main(rank: int, addr: str, model_dir: str, world_size: int, lay
     import os
     import sys
 
-    from tpicore.parallel import set_blas_threads
 
     set_blas_threads(1)
     try:
@@ -110,9 +114,6 @@ def run_local(model_dir: str, world_size: int, prompt_ids: list[int], max_new_to
     """Generate with a local pipeline of `world_size` processes (tests and benchmarks)."""
     import secrets
 
-    from tpicore.comm.transport import open_listener
-    from tpicore.generate import generate
-    from tpicore.parallel import LocalWorkers
 
     store = TensorStore.from_model_dir(model_dir)
     store.check()

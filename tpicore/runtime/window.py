@@ -43,9 +43,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpicore.engine import Block, TensorStore, Timers, block_order, head_row_ranges
 from tpicore.errors import TpiError
-from tpicore.weights import DTYPES, TensorInfo, to_f32
+from tpicore.model.split import Block, block_order
+from tpicore.runtime.device import Timers
+from tpicore.weights.checkpoint import DTYPES, TensorInfo, to_f32
+from tpicore.weights.store import TensorStore, head_row_ranges
 
 READ_BYTES = 8 << 20  # one read call; the page cache behind it is dropped right after
 # The page cache keeps file data in large folios (up to a few MiB, sized by readahead), and

@@ -26,9 +26,11 @@ import time
 
 import numpy as np
 
-from tpicore.engine import Block, TensorStore, Timers
 from tpicore.errors import TpiError
-from tpicore.weights import DTYPES, to_f32
+from tpicore.model.split import Block
+from tpicore.runtime.device import Timers
+from tpicore.weights.checkpoint import DTYPES, to_f32
+from tpicore.weights.store import TensorStore
 
 READ_BYTES = 8 << 20  # one pread call; the page cache behind it is dropped right after
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -15,11 +15,11 @@ from tpicore.errors import TpiError
 
 # subcommand -> (module, help). Modules are imported only when their subcommand is used.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("tpicore.generate_cli", "generate text from a checkpoint (single process or N devices)"),
-    "synth": ("tpicore.synth", "write a synthetic HF-layout checkpoint (random weights, real BPE tokenizer)"),
-    "shard": ("tpicore.shard", "split a checkpoint into one folder per device"),
-    "worker": ("tpicore.parallel", "run one worker device that joins a master over TCP"),
-    "plan": ("tpicore.planner", "predict per-device memory and whether disk I/O can hide"),
+    "generate": ("tpicore.cli.generate", "generate text from a checkpoint (single process or N devices)"),
+    "synth": ("tpicore.cli.synth", "write a synthetic HF-layout checkpoint (random weights, real BPE tokenizer)"),
+    "shard": ("tpicore.cli.shard", "split a checkpoint into one folder per device"),
+    "worker": ("tpicore.cli.worker", "run one worker device that joins a master over TCP"),
+    "plan": ("tpicore.cli.plan", "predict per-device memory and whether disk I/O can hide"),
 }
 
 

@@ -15,9 +15,12 @@ import tempfile
 
 import numpy as np
 
+from tpicore.dist.tensor_parallel import ParallelSession
 from tpicore.errors import TpiError
-from tpicore.generate import Generation, Sampling, generate
-from tpicore.memory import peak_rss_bytes
+from tpicore.runtime.generate import Generation, Sampling, generate
+from tpicore.runtime.memory import peak_rss_bytes
+from tpicore.runtime.session import LocalSession
+from tpicore.tokenizer import StreamDecoder, Tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,7 +77,6 @@ def write_npy_atomic(path: str, arr: np.ndarray) -> None:
 
 
 def load_tokenizer(model_dir: str | None, required: bool):
-    from tpicore.tokenizer import Tokenizer
 
     if model_dir and os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         return Tokenizer.from_dir(model_dir)
@@ -87,11 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.model and not args.shards:
         raise TpiError("--model or --shards is required")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.devices == 1 and not args.shards and not args.listen:
-        from tpicore.session import LocalSession as Session
-    else:
-        from tpicore.parallel import ParallelSession as Session
-
+    local = args.devices == 1 and not args.shards and not args.listen
+    Session = LocalSession if local else ParallelSession
     with Session.open(args) as session:
         cfg = session.cfg
         if session.store.note:
@@ -114,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
 
         stream = None
         if not args.json and tok is not None:
-            from tpicore.tokenizer import StreamDecoder
 
             stream = StreamDecoder(tok)
 
