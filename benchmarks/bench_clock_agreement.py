@@ -23,8 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from emulator.launcher import Experiment
-from emulator.run_config import load_run_config
+from emulator.run.launcher import Experiment
+from emulator.config.run_config import load_run_config
 
 
 def experiment(args: argparse.Namespace, clock: str) -> dict:

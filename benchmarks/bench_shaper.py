@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from emulator.clock import WallClock
-from emulator.shaper import LinkSchedule, LinkShaper
-from emulator.topology import Device, Link, Topology, make_topology
+from emulator.net.clock import WallClock
+from emulator.net.shaper import LinkSchedule, LinkShaper
+from emulator.config.topology import Device, Link, Topology, make_topology
 from tpicore.comm.transport import Group, run_local_processes
 from tpicore.comm.wire import Kind
 

@@ -71,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--clock", choices=("virtual", "wall"))
     em.add_argument("--model", help="a checkpoint folder, or a synth preset name (e.g. small-100m)")
     _common(em)
-    from emulator import plot
+    from emulator.figures import plot
 
     plot.add_arguments(sub.add_parser("plot", help="figures from results/*.jsonl (emulator/plot.py)"))
     return parser
 
 
 def overrides_for(args: argparse.Namespace) -> list[tuple[str, object]]:
-    from emulator.run_config import parse_override
+    from emulator.config.run_config import parse_override
 
     out: list[tuple[str, object]] = []
     if args.command == "emulate":
@@ -109,10 +109,10 @@ def overrides_for(args: argparse.Namespace) -> list[tuple[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "plot":
-        from emulator import plot
+        from emulator.figures import plot
 
         return plot.run(args)
-    from emulator.launcher import EXIT_INTERRUPTED, EXIT_SETUP
+    from emulator.run.launcher import EXIT_INTERRUPTED, EXIT_SETUP
 
     try:  # setup errors are one line and EXIT_SETUP, Ctrl-C EXIT_INTERRUPTED, for every command
         return _dispatch(args)
@@ -125,17 +125,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from emulator.launcher import EXIT_INTERRUPTED, Experiment
-    from emulator.run_config import load_run_config
+    from emulator.run.launcher import EXIT_INTERRUPTED, Experiment
+    from emulator.config.run_config import load_run_config
 
     if args.command == "reproduce":
-        from emulator.experiments import reproduce
+        from emulator.run.experiments import reproduce
 
         only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
         return reproduce(only, smoke=args.smoke, results_dir=args.results, cache_dir=args.cache_dir,
                          verbose=args.verbose, plot=not args.no_plot)
     if args.command == "run":
-        from emulator.experiments import is_experiment_file, run_experiment
+        from emulator.run.experiments import is_experiment_file, run_experiment
 
         if is_experiment_file(args.config):
             if args.name or args.mem_cap or args.cgroup_root:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emulator.baselines import resident_extra_bytes
-from emulator.clock import VirtualClock
-from emulator.launcher import Experiment, unique_shards
-from emulator.run_config import MODES, ModelSpec, load_run_config
+from emulator.run.baselines import resident_extra_bytes
+from emulator.net.clock import VirtualClock
+from emulator.run.launcher import Experiment, unique_shards
+from emulator.config.run_config import MODES, ModelSpec, load_run_config
 from tpicore.errors import TpiError
 from tpicore.runtime.device import Device, ResidentSource
 from tpicore.runtime.generate import generate

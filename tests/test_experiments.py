@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emulator.experiments import (
+from emulator.run.experiments import (
     EXPERIMENTS_DIR,
     ORDER,
     expand_sweep,
@@ -20,7 +20,7 @@ from emulator.experiments import (
     point_config,
     run_experiment,
 )
-from emulator.report import read_jsonl
+from emulator.results.report import read_jsonl
 from tpicore.errors import TpiError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_smoke_variants_run_end_to_end(smoke_results):
 
 
 def test_smoke_results_plot(smoke_results, tmp_path):
-    pytest.importorskip("emulator.plot")
+    pytest.importorskip("emulator.figures.plot")
     pytest.importorskip("matplotlib")
     results, outs = smoke_results
     figures = tmp_path / "figures"
@@ -199,7 +199,7 @@ def test_bad_experiment_files_name_the_field(tmp_path):
 def test_sweep_points_do_not_leak_overrides_into_each_other():
     """A point setting `model.layers` must not edit the model section other points share (table2_6 ran
     its no-scheduler points with 4 layers before this was fixed)."""
-    from emulator.experiments import load_experiment, point_config
+    from emulator.run.experiments import load_experiment, point_config
 
     spec = load_experiment(EXPERIMENTS_DIR / "table2_6_memory.yaml")
     for i, point in enumerate(spec.points):

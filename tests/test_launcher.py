@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emulator.launcher import Experiment, prompt_ids
-from emulator.report import read_jsonl
-from emulator.run_config import load_run_config
+from emulator.run.launcher import Experiment, prompt_ids
+from emulator.results.report import read_jsonl
+from emulator.config.run_config import load_run_config
 from tpicore.errors import TpiError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from emulator.limits import (
+from emulator.host.limits import (
     BLAS_ENV_VARS,
     DeviceCgroup,
     MemoryWatchdog,
@@ -68,7 +68,7 @@ def test_watchdog_leaves_a_device_under_its_cap_alone():
 
 CORES_CHILD = textwrap.dedent("""
     import json, os, sys
-    from emulator.limits import apply_cores
+    from emulator.host.limits import apply_cores
     pinned = apply_cores(int(sys.argv[1]), first=int(sys.argv[2]))
     assert "numpy" not in sys.modules
     env = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}

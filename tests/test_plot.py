@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from emulator import allreduce_sweep, plot
-from emulator.report import append_jsonl
+from emulator.run import allreduce_sweep
+from emulator.figures import plot
+from emulator.results.report import append_jsonl
 
 MiB = 2**20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -249,7 +250,7 @@ def test_fig3_config_is_an_allreduce_runner_over_8_klonet_devices():
 
 
 def test_fig3_config_is_accepted_by_the_experiment_harness():
-    experiments = pytest.importorskip("emulator.experiments")
+    experiments = pytest.importorskip("emulator.run.experiments")
     spec = experiments.load_experiment(allreduce_sweep.DEFAULT_CONFIG, False)
     assert spec.runner == "allreduce" and spec.name == "fig3_allreduce" and spec.description
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emulator.clock import VirtualClock, WallClock
-from emulator.shaper import PACKET_BYTES, LinkSchedule, LinkShaper
-from emulator.tc import NO_NETEM, TcNetwork, tc_available
-from emulator.topology import Device, Link, Topology, load_topology, make_topology
+from emulator.net.clock import VirtualClock, WallClock
+from emulator.net.shaper import PACKET_BYTES, LinkSchedule, LinkShaper
+from emulator.net.tc import NO_NETEM, TcNetwork, tc_available
+from emulator.config.topology import Device, Link, Topology, load_topology, make_topology
 from tpicore.comm.collectives import allreduce, broadcast
 from tpicore.comm.transport import Group, run_local_processes
 from tpicore.comm.wire import HEADER_NBYTES, Kind

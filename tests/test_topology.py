@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emulator.topology import (
+from emulator.config.topology import (
     Device,
     Link,
     Topology,

@@ -95,7 +95,7 @@ def host_info() -> dict:
 
 
 def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         head = (root / ".git" / "HEAD").read_text().strip()
         if head.startswith("ref: "):

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from emulator.run_config import ROOT
+from emulator.config.run_config import ROOT
 
 DEFAULT_RESULTS = ROOT / "results"
 DEFAULT_TABLES = ROOT / "configs" / "paper_tables.yaml"
@@ -974,7 +974,7 @@ def link_latency_sweep(records: list[dict], tables: dict, out: Path) -> None:
     ax = axes[0][0]
     lines = sweep_lines(points, link_latency_ms, ("latency_ms", "latency", "tau_ms"), lambda p: p.token_latency_s)
     plot_lines(ax, lines)
-    from emulator.allreduce_sweep import hops
+    from emulator.run.allreduce_sweep import hops
 
     for i, (label, pts) in enumerate(lines.items()):
         done = [(x, y, p) for x, y, p in pts if y is not None]

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from emulator.run_config import ROOT, SECTIONS, RunConfig, load_run_config
+from emulator.config.run_config import ROOT, SECTIONS, RunConfig, load_run_config
 from tpicore.errors import TpiError
 
 EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
@@ -174,7 +174,7 @@ def load_experiment(path: str | Path, smoke: bool = False) -> Spec:
     if runner is not None:  # the runner validates its own keys
         if runner != "allreduce":
             raise TpiError(f"{path}: runner: expected allreduce (emulator/allreduce_sweep.py), got {runner!r}")
-        from emulator.allreduce_sweep import load_sweep
+        from emulator.run.allreduce_sweep import load_sweep
 
         sweep = load_sweep(path)
         return Spec(name=sweep.name, source=str(path), description=sweep.description, paper="fig3",
@@ -268,7 +268,7 @@ class Outcome:
 
 def skipped_record(spec: Spec, point: dict, cfg: RunConfig | None, error: str) -> dict:
     """A results line for a point that did not run (same keys as a run's line, values empty)."""
-    from emulator.report import utc_now
+    from emulator.results.report import utc_now
 
     config = cfg.to_json() if cfg else {"name": spec.name, "source": spec.source}
     config["description"] = spec.description
@@ -316,7 +316,7 @@ def run_experiment(path: str | Path, results_dir: str | Path | None = None, cach
                    smoke: bool = False, overrides: Sequence[tuple[str, Any]] = (), verbose: bool = False,
                    say: Callable[[str], None] | None = None) -> Outcome:
     """Run every point of one experiment; results to <results>/<name>.jsonl when the sweep is done."""
-    from emulator.launcher import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_TERMINATED, Experiment
+    from emulator.run.launcher import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_TERMINATED, Experiment
 
     say = say or (lambda text: print(text, flush=True))
     spec = load_experiment(path, smoke)
@@ -334,7 +334,7 @@ def run_experiment(path: str | Path, results_dir: str | Path | None = None, cach
     n = len(spec.points)
     est = f", estimated {spec.estimate_s / 60:.0f} min" if spec.estimate_s and not smoke else ""
     say(f"{spec.name}: {n} point{'s' * (n != 1)}{' (smoke)' if smoke else ''}{est}")
-    from emulator.report import append_jsonl
+    from emulator.results.report import append_jsonl
 
     done: dict[str, tuple[int, list[dict]]] = {}  # resolved config -> (point index, its lines)
     for i, point in enumerate(spec.points):
@@ -395,13 +395,13 @@ def _tidy(staging: Path) -> None:
 def _run_allreduce(spec: Spec, staging: Path, staged: Path, out: Outcome, smoke: bool, verbose: bool,
                    say: Callable[[str], None], t0: float) -> Outcome:
     """Fig. 3: the sweep is emulator/allreduce_sweep.py's; its lines land in the same place."""
-    from emulator import allreduce_sweep
+    from emulator.run import allreduce_sweep
 
     say(f"{spec.name}: allreduce sweep (emulator/allreduce_sweep.py){' (smoke)' if smoke else ''}")
     code = allreduce_sweep.run_config(spec.source, staging, smoke=smoke, quiet=not verbose, plot=False)
     out.wall_s = time.monotonic() - t0
     if staged.exists():
-        from emulator.report import read_jsonl
+        from emulator.results.report import read_jsonl
 
         out.records = read_jsonl(staged)
         os.replace(staged, out.results_path)
@@ -455,7 +455,7 @@ def reproduce(only: Sequence[str] | None = None, smoke: bool = False, results_di
 def plot_all(results: Path, names: Sequence[str]) -> int:
     """Draw the figures of these experiments with emulator/plot.py, when it is in this checkout."""
     try:
-        from emulator import plot as plotting
+        from emulator.figures import plot as plotting
     except ImportError:
         print("reproduce: emulator/plot.py not in this checkout; no figures drawn", flush=True)
         return 0

@@ -49,11 +49,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from emulator.clock import SPIN_S, VirtualClock, WallClock
-from emulator.limits import DeviceCgroup, MemoryWatchdog, apply_cores, read_rss
-from emulator.report import append_jsonl, host_info, summary, utc_now
-from emulator.run_config import ROOT, ModelSpec, RunConfig
-from emulator.shaper import LinkSchedule, LinkShaper
+from emulator.net.clock import SPIN_S, VirtualClock, WallClock
+from emulator.host.limits import DeviceCgroup, MemoryWatchdog, apply_cores, read_rss
+from emulator.results.report import append_jsonl, host_info, summary, utc_now
+from emulator.config.run_config import ROOT, ModelSpec, RunConfig
+from emulator.net.shaper import LinkSchedule, LinkShaper
 from tpicore.errors import TpiError
 
 EXIT_OK, EXIT_CRASH, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -423,7 +423,7 @@ def _device_main(plan: Plan, rank: int, gate_r: int, events_w: int, log_path: st
         if rank == 0:
             _master_main(plan, clock, shaper, events_w)
         elif cfg.options.mode == "pipeline":
-            from emulator.baselines import pipeline_worker
+            from emulator.run.baselines import pipeline_worker
 
             pipeline_worker(plan, rank, clock, shaper)
         else:
@@ -444,7 +444,7 @@ def _device_main(plan: Plan, rank: int, gate_r: int, events_w: int, log_path: st
 def _master_main(plan: Plan, clock, shaper: LinkShaper, events_w: int) -> None:
     import numpy as np
 
-    from emulator.baselines import open_driver, open_store
+    from emulator.run.baselines import open_driver, open_store
     from tpicore.runtime.generate import Sampling, generate
 
     def emit(obj: dict) -> None:
@@ -599,7 +599,7 @@ class Experiment:
             raise TpiError(f"{cfg.source}: workload: prompt of {self.max_seq - cfg.workload.new_tokens} + "
                            f"{cfg.workload.new_tokens} new tokens exceeds the model's context of {max_pos}")
         self.caps = {d.name: cfg.options.mem_cap or d.mem_bytes for d in cfg.topology.devices}
-        from emulator.baselines import resident_extra_bytes
+        from emulator.run.baselines import resident_extra_bytes
 
         self.resident_extra = resident_extra_bytes(cfg, self.shard_dirs)
         self.config_json = self._resolved_config()

@@ -28,7 +28,7 @@ import os
 import shutil
 import subprocess
 
-from emulator.topology import Link, Topology
+from emulator.config.topology import Link, Topology
 from tpicore.errors import TpiError
 
 SUBNET = "10.77.0."

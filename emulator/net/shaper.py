@@ -62,8 +62,8 @@ import weakref
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
-from emulator.clock import WallClock
-from emulator.topology import Topology
+from emulator.net.clock import WallClock
+from emulator.config.topology import Topology
 from tpicore.errors import TpiError
 
 SLOTS = 16  # reservations remembered per link; more than the messages one link has in flight at once

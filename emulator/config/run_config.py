@@ -63,10 +63,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from emulator.topology import Topology, parse_bytes, topology_from_dict
+from emulator.config.topology import Topology, parse_bytes, topology_from_dict
 from tpicore.errors import TpiError
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/, results/, .cache/
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/, results/, .cache/
 TOPOLOGY_DIR = ROOT / "configs" / "topologies"
 
 CLOCKS = ("virtual", "wall")

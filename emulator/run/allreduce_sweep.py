@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emulator.report import append_jsonl, host_info, utc_now
-from emulator.run_config import ROOT, resolve_topology_ref
+from emulator.results.report import append_jsonl, host_info, utc_now
+from emulator.config.run_config import ROOT, resolve_topology_ref
 from tpicore.errors import TpiError
 
 DEFAULT_CONFIG = ROOT / "configs" / "experiments" / "fig3_allreduce.yaml"
@@ -180,7 +180,7 @@ def hops(algo: str, n: int) -> int:
 
 
 def _topologies(sweep: Sweep, taus: list[float]) -> dict[float, Any]:
-    from emulator.topology import load_topology
+    from emulator.config.topology import load_topology
 
     out = {}
     for tau in taus:
@@ -209,8 +209,8 @@ def measure(sweep: Sweep, clock: str, topos: dict[float, Any], reps: int) -> dic
     emulated network at each tau (same devices and link ids, only the latency differs)."""
     import numpy as np
 
-    from emulator.clock import SPIN_S, VirtualClock, WallClock
-    from emulator.shaper import LinkSchedule, LinkShaper
+    from emulator.net.clock import SPIN_S, VirtualClock, WallClock
+    from emulator.net.shaper import LinkSchedule, LinkShaper
     from tpicore.comm.collectives import allreduce
     from tpicore.comm.transport import run_local_processes
 
@@ -356,7 +356,7 @@ def run_config(path: str | Path | None = None, results_dir: str | Path | None = 
     for e in res.errors:
         print(f"error: {e}", file=sys.stderr)
     if plot:
-        from emulator import plot as plotting
+        from emulator.figures import plot as plotting
 
         results = Path(results_dir) if results_dir is not None else DEFAULT_RESULTS
         plotting.plot_experiments([sweep.name], results, Path(figures_dir) if figures_dir else results / "figures",
