@@ -8,12 +8,13 @@ DEVICES ?= 8
 LATENCY ?= 5ms
 BANDWIDTH ?= 300mbps
 MODEL ?=
+DTYPE ?=
 # WINDOW: sliding window in blocks (>= 2; the paper's default 2), or none = all weights resident
 WINDOW ?= 2
 ALLREDUCE ?= star
 CLOCK ?= virtual
 
-.PHONY: venv test emulate reproduce figures bench clean
+.PHONY: venv deps test emulate reproduce figures bench clean
 
 venv: $(STAMP)
 
@@ -24,12 +25,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# System packages of the tests (.ci/apt-packages.txt: chromium for the web page test); installs only missing ones
+APT_PACKAGES := $(shell sed -e 's/\#.*//' .ci/apt-packages.txt)
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 emulate: $(STAMP)
 	$(BIN)/python -m emulator emulate --devices $(DEVICES) --latency $(LATENCY) --bandwidth $(BANDWIDTH) \
-		$(if $(WINDOW),--window $(WINDOW),) --allreduce $(ALLREDUCE) --clock $(CLOCK) $(if $(MODEL),--model $(MODEL),)
+		$(if $(WINDOW),--window $(WINDOW),) --allreduce $(ALLREDUCE) --clock $(CLOCK) $(if $(MODEL),--model $(MODEL),) \
+		$(if $(DTYPE),--dtype $(DTYPE),)
 
 # Every experiment of configs/experiments/ (one YAML per figure or table of the paper, plus the new ones),
 # then the figures: results/<experiment>.jsonl and results/figures/*.png. About 80 minutes on the

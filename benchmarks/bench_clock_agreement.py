@@ -9,6 +9,7 @@ per-device compute time from each, with their ratio.
 
     python benchmarks/bench_clock_agreement.py [--model tinyllama-1.1b] [--layers 4] [--devices 2]
         [--latency 1ms] [--prompt 32] [--tokens 16] [--reps 3] [--out results/bench_clock_agreement.json]
+        [--tolerance 0.15]   exit 1 when wall/virtual TTFT or token latency is off by more than this
 
 The first repetition touches the weights for the first time (page faults): it is reported but the
 medians are over the later ones. Run it on a quiet host: other processes on the cores slow the wall
@@ -23,8 +24,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from emulator.run.launcher import Experiment
 from emulator.config.run_config import load_run_config
+from emulator.results.record import RunRecord
+from emulator.run.launcher import Run
 
 
 def experiment(args: argparse.Namespace, clock: str) -> dict:
@@ -38,10 +40,10 @@ def experiment(args: argparse.Namespace, clock: str) -> dict:
     }
 
 
-def run(args: argparse.Namespace, clock: str) -> list[dict]:
+def run(args: argparse.Namespace, clock: str) -> list[RunRecord]:
     cfg = load_run_config(None, doc=experiment(args, clock))
-    out = Experiment(cfg, results_dir=args.results, cache_dir=args.cache_dir, progress=not args.quiet).run()
-    bad = [r["error"] for r in out.records if r["error"]]
+    out = Run(cfg, results_dir=args.results, cache_dir=args.cache_dir, progress=not args.quiet).run()
+    bad = [r.error for r in out.records if r.error]
     if out.exit_code or bad or not out.records:
         sys.exit(f"{clock} run failed: {bad or out.exit_code}")
     return out.records
@@ -62,6 +64,8 @@ def main() -> int:
                    "each by default; delete after)")
     p.add_argument("--out", help="also write the comparison as JSON here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tolerance", type=float, help="exit 1 when wall/virtual TTFT or token latency differs by more "
+                   "than this fraction (the issue's criterion: 0.15 at 2 devices)")
     args = p.parse_args()
 
     recs = {clock: run(args, clock) for clock in ("virtual", "wall")}
@@ -70,11 +74,11 @@ def main() -> int:
     def med(clock: str, f) -> float:
         return statistics.median(f(r) for r in steady[clock])
 
-    rows = [("TTFT s", lambda r: r["ttft_s"]), ("token latency s", lambda r: r["token_latency_s"])]
-    for name in recs["virtual"][0]["time_split"]:
-        rows.append((f"{name} compute s/run", lambda r, n=name: r["time_split"][n]["compute_s"]))
-        rows.append((f"{name} comm s/run", lambda r, n=name: r["time_split"][n]["comm_s"]))
-    cfg = recs["virtual"][0]["config"]
+    rows = [("TTFT s", lambda r: r.timings.ttft_s), ("token latency s", lambda r: r.timings.token_latency_s)]
+    for name in recs["virtual"][0].devices:
+        rows.append((f"{name} compute s/run", lambda r, n=name: r.devices[n].time_split.compute_s))
+        rows.append((f"{name} comm s/run", lambda r, n=name: r.devices[n].time_split.comm_s))
+    cfg = recs["virtual"][0].config
     dims = cfg["model"]["config"]
     print(f"# {args.devices} devices, star links {args.latency} / {args.bandwidth or 'unlimited'}, "
           f"{args.model} x {dims['num_hidden_layers']} layers (hidden {dims['hidden_size']}, FFN "
@@ -87,12 +91,17 @@ def main() -> int:
         ratio = w / v if v else float("nan")
         table.append({"metric": label, "virtual": v, "wall": w, "ratio": ratio})
         print(f"{label:<22} {v:>10.4f} {w:>10.4f} {ratio:>13.3f}")
-    first = {c: (recs[c][0]["ttft_s"], recs[c][0]["token_latency_s"]) for c in recs}
+    first = {c: (recs[c][0].timings.ttft_s, recs[c][0].timings.token_latency_s) for c in recs}
     print(f"# first run (cold weights): TTFT virtual {first['virtual'][0]:.4f} wall {first['wall'][0]:.4f}; "
           f"token latency virtual {first['virtual'][1]:.4f} wall {first['wall'][1]:.4f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "table": table}, indent=1))
+    if args.tolerance is not None:
+        off = [row for row in table[:2] if not abs(row["ratio"] - 1) <= args.tolerance]
+        if off:
+            print(f"# outside the tolerance of {args.tolerance:.0%}: {', '.join(r['metric'] for r in off)}")
+            return 1
     return 0
 
 

@@ -97,7 +97,7 @@ def worker_tpi(a: argparse.Namespace) -> None:
     rep = memory_report(files)
     dev.close()
     print(json.dumps({"tokens": tokens, "ttft_s": ttft, "latencies_s": lat, **rep,
-                      "page_cache_bytes": page_cache_bytes(files), "window_bytes": dev.timers.window.get("slab_bytes"),
+                      "page_cache_bytes": page_cache_bytes(files), "window_bytes": dev.timers.window.slab_bytes,
                       "stall_s": dev.timers.stall_s}))
 
 
@@ -169,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tpicore.model.config import ModelConfig
-    from tpicore.model.split import plan_layouts
-    from tpicore.tools.planner import device_blocks
+    from tpicore.model.split import split_layouts
+    from tpicore.tools.predictor import device_blocks
 
     model_dir = ensure_model(a.model, a.dtype, a.root)
     cfg = ModelConfig.from_dir(model_dir)
-    blk = device_blocks(cfg, plan_layouts(cfg, 1)[0])
+    blk = device_blocks(cfg, split_layouts(cfg, 1)[0])
     budget = 4 * (blk.attn + blk.ffn)  # tpi's window at w = 2, float32
     common = ["--model-dir", model_dir, "--threads", str(a.threads), "--cache", a.cache, "--prompt", str(a.prompt),
               "--new", str(a.new), "--root", a.root]

@@ -11,7 +11,7 @@ Targets (scheduler issue):
     .venv/bin/python benchmarks/bench_scheduler.py memory [--models llama-2-70b llama-3.1-70b] [--windows 2 4]
     .venv/bin/python benchmarks/bench_scheduler.py overlap [--model small-100m] [--allreduce-ms 0 8]
 
-memory: the 70B shapes come from `tpi synth ARCH --devices 8 --unique-layers K` folders (tpicore.unique_synth):
+memory: the 70B shapes come from `tpi synth ARCH --devices 8 --unique-layers K` folders (tpicore.tools.synth.unique):
 every one of the 80 logical layers is read from disk per token (the window drops the page cache behind
 it), only K distinct layers take disk space. Each device runs alone in a fresh process (so the peak is
 its own), on its own shard, for one prefill of --prompt tokens plus --new - 1 decode steps; workers get
@@ -96,9 +96,9 @@ def worker_memory(a: argparse.Namespace) -> None:
         steps.append(time.perf_counter() - t0)
     report = memory_report(files)
     dev.close()
-    t = dev.timers
-    print(json.dumps({**report, "step_s": steps, "timers": t.snapshot(), "slab_bytes": t.window.get("slab_bytes"),
-                      "steady": t.window.get("steady"), "first_stall": t.window.get("first_stall")}))
+    t, w = dev.timers, dev.timers.window.to_json()
+    print(json.dumps({**report, "step_s": steps, "timers": t.snapshot().to_json(), "slab_bytes": w.get("slab_bytes"),
+                      "steady": w.get("steady"), "first_stall": w.get("first_stall")}))
 
 
 def worker_overlap(a: argparse.Namespace) -> None:
@@ -125,10 +125,10 @@ def worker_overlap(a: argparse.Namespace) -> None:
         source.attach(dev.timers)
     gen = generate(dev.step, prompt_ids(a.prompt, store.cfg.vocab_size), a.new, max_seq=a.prompt + a.new)
     dev.close()
-    w = dev.timers.window
+    w = dev.timers.window.to_json() if dev.timers.window is not None else {}
     print(json.dumps({"tokens": gen.tokens, "ttft_s": gen.ttft_s, "latencies_s": gen.token_latencies_s,
                       "steps": w.get("steps", []), "steady": w.get("steady"), "blocks": w.get("blocks"),
-                      "timers": dev.timers.snapshot()}))
+                      "timers": dev.timers.snapshot().to_json()}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +136,8 @@ def worker_overlap(a: argparse.Namespace) -> None:
 
 
 def ensure_unique_shards(model: str, devices: int, unique_layers: int, dtype: str, ranks: list[int], root: str) -> str:
-    from tpicore.tools.synth import preset_config
-    from tpicore.tools.unique_synth import write_unique_shards
+    from tpicore.tools.synth.presets import preset_config
+    from tpicore.tools.synth.unique import write_unique_shards
 
     out = os.path.join(root, f"{model}-n{devices}-k{unique_layers}-{dtype}")
     missing = [r for r in ranks if not os.path.exists(os.path.join(out, f"rank-{r}", "manifest.json"))]
@@ -152,8 +152,8 @@ def ensure_unique_shards(model: str, devices: int, unique_layers: int, dtype: st
 
 def run_memory(a: argparse.Namespace) -> list[dict]:
     from tpicore.model.config import ModelConfig
-    from tpicore.tools.planner import predict
-    from tpicore.tools.synth import preset_config
+    from tpicore.tools.predictor import predict
+    from tpicore.tools.synth.presets import preset_config
 
     rows = []
     for model in a.models:

@@ -39,19 +39,24 @@ MODELS: dict[str, tuple[str, dict]] = {
     "small-100m-v4x": ("small-100m", {"vocab_size": 128000}),
     # small-100m with 4x the layers: every added byte is read by the first forward pass
     "small-100m-l4x": ("small-100m", {"num_hidden_layers": 48}),
+    # SmolLM2-135M's shape (random weights): 30 small layers, where per-step Python overhead shows
+    "smollm2-135m-shape": ("small-100m", {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+                                          "head_dim": 64, "intermediate_size": 1536, "num_hidden_layers": 30,
+                                          "vocab_size": 49152, "tie_word_embeddings": True}),
 }
 
 
 def ensure_model(name: str, dtype: str = "f32", root: str = DEFAULT_ROOT) -> str:
     """The checkpoint folder of a benchmark model, written once and reused (delete `root` to rebuild)."""
-    from tpicore.tools import synth
+    from tpicore.tools.synth.checkpoint import write_checkpoint
+    from tpicore.tools.synth.presets import preset_config
 
     d = os.path.join(root, f"{name}-{dtype}")
     if not os.path.exists(os.path.join(d, "config.json")):
         preset, overrides = MODELS[name]
-        config = {**synth.preset_config(preset), **overrides}
+        config = {**preset_config(preset), **overrides}
         t0 = time.perf_counter()
-        synth.write_checkpoint(config, d, dtype=dtype, progress=False)
+        write_checkpoint(config, d, dtype=dtype, progress=False)
         print(f"# wrote {d} ({dir_bytes(d) / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s", flush=True)
     return d
 

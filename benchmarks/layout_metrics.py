@@ -230,7 +230,8 @@ if os.environ.get("TPI_TRACE_OUT"):
         p = _paths.get(fn)
         if p is None:
             r = os.path.realpath(fn) if fn and not fn.startswith("<") else ""
-            p = _paths[fn] = os.path.relpath(r, _root[:-1]) if r.startswith(_root) else ""
+            rel = os.path.relpath(r, _root[:-1]) if r.startswith(_root) else ""
+            p = _paths[fn] = rel if rel.startswith("tpicore" + os.sep) else ""  # not .venv/ inside the repo
         return p
 
     def _prof(frame, event, arg):

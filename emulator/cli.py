@@ -7,13 +7,15 @@
                                                                  (what `make emulate` runs)
     python -m emulator reproduce [--only a,b] [--smoke]          every configs/experiments/*.yaml, then the
                                                                  figures (what `make reproduce` runs)
-    python -m emulator plot --all | --experiment NAME            figures from results/*.jsonl (emulator/plot.py)
+    python -m emulator plot --all | --experiment NAME            figures from results/*.jsonl (emulator/figures/)
 
 A run config prints progress on stderr, appends one JSON line per run to results/<name>.jsonl and prints
 the summary table on stdout; an experiment prints one line per sweep point and writes
 results/<name>.jsonl when its sweep is done. Exit codes: 0 runs completed (an OOM is a recorded result),
 1 a device crashed (recorded), 2 bad config or setup error (one `error: ...` line, nothing recorded),
-130 Ctrl-C, 143 SIGTERM. This file only parses flags; the work is in emulator.launcher / experiments.
+130 Ctrl-C, 143 SIGTERM. This file only parses flags and hands the figures' drawing to the run layer; the
+work is in emulator/run/ (launcher: one run config; experiments: sweeps). Layer: cli (may import every
+emulator package).
 """
 
 from __future__ import annotations
@@ -22,8 +24,16 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
+from emulator.config.overrides import parse_override
+from emulator.config.run_config import MODEL_DTYPES, load_run_config
+from emulator.figures import plot
+from emulator.run.experiments import is_experiment_file, reproduce, run_experiment
+from emulator.run.launcher import EXIT_INTERRUPTED, EXIT_SETUP, Run
 from tpicore.errors import TpiError
+from tpicore.tools.synth.presets import PRESETS
+from tpicore.weights.gguf import is_gguf_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "emulate.yaml"
 
@@ -41,6 +51,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="synthesized models, shards, device logs "
                                                       "(default: .cache/ in the checkout)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--shaper", choices=("user", "kernel"), help="links shaped in user space (default), or by "
+                   "the kernel: network namespaces + tbf, needs root and a wall clock (options.shaper)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,17 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--window", help="sliding window in blocks (>= 2), or none for all weights resident")
     em.add_argument("--allreduce", choices=("star", "ring", "tree"))
     em.add_argument("--clock", choices=("virtual", "wall"))
-    em.add_argument("--model", help="a checkpoint folder, or a synth preset name (e.g. small-100m)")
+    em.add_argument("--model", help="a checkpoint folder, a .gguf file, or a synth preset name (e.g. small-100m)")
+    em.add_argument("--dtype", choices=MODEL_DTYPES, help="a synth preset's stored weights (model.dtype): f32, bf16, "
+                                                         "q8_0, q4_k, ...")
     _common(em)
-    from emulator.figures import plot
-
-    plot.add_arguments(sub.add_parser("plot", help="figures from results/*.jsonl (emulator/plot.py)"))
+    plot.add_arguments(sub.add_parser("plot", help="figures from results/*.jsonl (emulator/figures/)"))
     return parser
 
 
-def overrides_for(args: argparse.Namespace) -> list[tuple[str, object]]:
-    from emulator.config.run_config import parse_override
+def draw_figures(names: Sequence[str], results: Path) -> int:
+    """The figures of these experiments (those that have one) into <results>/figures/; 0 if any was drawn."""
+    known = [n for n in names if n in plot.FIGURES]
+    return 0 if plot.plot_experiments(known, results, results / "figures") else 1
 
+
+def overrides_for(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The command line as (dotted key, value) overrides: emulate's flags first, then --set, then the rest."""
     out: list[tuple[str, object]] = []
     if args.command == "emulate":
         flags = {"devices.count": args.devices, "links.latency_ms": args.latency,
@@ -87,15 +104,15 @@ def overrides_for(args: argparse.Namespace) -> list[tuple[str, object]]:
                  "options.allreduce": args.allreduce, "options.clock": args.clock}
         out += [parse_override(f"{k}={v}") for k, v in flags.items() if v is not None]  # values read as YAML
         if args.model:
-            from tpicore.tools.synth import PRESETS
-
-            if os.path.isdir(args.model):
+            if os.path.isdir(args.model) or is_gguf_path(args.model):
                 out.append(("model", {"path": os.path.abspath(args.model)}))
             elif args.model in PRESETS:
                 out.append(("model", {"synth": args.model}))
             else:
                 raise TpiError(f"--model: {args.model} is neither a checkpoint folder nor a synth preset "
                                f"({', '.join(PRESETS)})")
+        if args.dtype:
+            out.append(("model.dtype", args.dtype))
     out += [parse_override(o) for o in args.overrides]
     if args.name:
         out.append(("name", args.name))
@@ -103,17 +120,15 @@ def overrides_for(args: argparse.Namespace) -> list[tuple[str, object]]:
         out.append(("options.mem_cap", args.mem_cap))
     if args.cgroup_root:
         out.append(("options.cgroup_root", args.cgroup_root))
+    if args.shaper:
+        out.append(("options.shaper", args.shaper))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "plot":
-        from emulator.figures import plot
-
         return plot.run(args)
-    from emulator.run.launcher import EXIT_INTERRUPTED, EXIT_SETUP
-
     try:  # setup errors are one line and EXIT_SETUP, Ctrl-C EXIT_INTERRUPTED, for every command
         return _dispatch(args)
     except TpiError as e:
@@ -124,19 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _dispatch(args) -> int:
-    from emulator.run.launcher import EXIT_INTERRUPTED, Experiment
-    from emulator.config.run_config import load_run_config
-
+def _dispatch(args: argparse.Namespace) -> int:
+    for flag, path in (("--results", args.results), ("--cache-dir", args.cache_dir)):  # refused before any start
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            raise TpiError(f"{flag}: {path} is a file, not a folder")
     if args.command == "reproduce":
-        from emulator.run.experiments import reproduce
-
         only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
         return reproduce(only, smoke=args.smoke, results_dir=args.results, cache_dir=args.cache_dir,
-                         verbose=args.verbose, plot=not args.no_plot)
+                         verbose=args.verbose, draw=None if args.no_plot else draw_figures)
     if args.command == "run":
-        from emulator.run.experiments import is_experiment_file, run_experiment
-
         if is_experiment_file(args.config):
             if args.name or args.mem_cap or args.cgroup_root:
                 raise TpiError("--name/--mem-cap/--cgroup-root: not for experiment files "
@@ -148,7 +159,7 @@ def _dispatch(args) -> int:
             raise TpiError(f"--smoke: {args.config} is a run config, not an experiment file")
 
     cfg = load_run_config(args.config, overrides_for(args))
-    outcome = Experiment(cfg, results_dir=args.results, cache_dir=args.cache_dir, progress=not args.quiet).run()
+    outcome = Run(cfg, results_dir=args.results, cache_dir=args.cache_dir, progress=not args.quiet).run()
     if outcome.summary:
         print(outcome.summary, flush=True)
     return outcome.exit_code

@@ -7,12 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emulator.run.baselines import resident_extra_bytes
-from emulator.net.clock import VirtualClock
-from emulator.run.launcher import Experiment, unique_shards
 from emulator.config.run_config import MODES, ModelSpec, load_run_config
+from emulator.net.clock import VirtualClock
+from emulator.run.baselines import resident_extra_bytes
+from emulator.run.launcher import Run
+from emulator.run.model_cache import unique_shards
 from tpicore.errors import TpiError
 from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.env import DeviceEnv, DiskModel
 from tpicore.runtime.generate import generate
 from tpicore.runtime.ondemand import OnDemandSource
 from tpicore.weights.store import TensorStore
@@ -38,9 +40,9 @@ def config(mode: str, n: int = 2, model: dict | None = None, **options) -> dict:
 
 def run(doc, tmp_path, cache):
     cfg = load_run_config(None, doc=doc)
-    out = Experiment(cfg, results_dir=tmp_path, cache_dir=cache, progress=False).run()
+    out = Run(cfg, results_dir=tmp_path, cache_dir=cache, progress=False).run()
     assert out.exit_code == 0, out.summary
-    (rec,) = out.records
+    (rec,) = [r.to_json() for r in out.records]
     assert rec["error"] is None, rec["error"]
     return cfg, rec
 
@@ -70,9 +72,9 @@ def test_pipeline_trace_and_reports_between_runs(tmp_path, cache):
     doc = config("pipeline", n=3, trace=True)
     doc["workload"].update(prompt_lengths=[4, 6], repetitions=1)
     cfg = load_run_config(None, doc=doc)
-    out = Experiment(cfg, results_dir=tmp_path, cache_dir=cache, progress=False).run()
+    out = Run(cfg, results_dir=tmp_path, cache_dir=cache, progress=False).run()
     assert out.exit_code == 0
-    first, second = out.records
+    first, second = [r.to_json() for r in out.records]
     for rec in (first, second):  # each run's share only: 5 steps (prefill + 4 decode)
         assert set(rec["trace"]) == {"d0", "d1", "d2"}
         for dev, events in rec["trace"].items():  # one layer per stage: attn + ffn per step, + the head on d0
@@ -122,7 +124,7 @@ def test_on_demand_charges_the_modelled_disk_to_a_virtual_clock(hf_models):
     model_dir, _ = hf_models("gqa")
     store = TensorStore.from_model_dir(model_dir)
     clock = VirtualClock(cpu_time=lambda: 0.0)  # compute costs nothing: the clock moves by loads only
-    src = OnDemandSource(store, clock=clock, disk_read_mbps=8.0)  # 1 MB/s
+    src = OnDemandSource(store, DeviceEnv(clock=clock, disk=DiskModel(8.0)))  # 1 MB/s
     dev = Device(store, src, 16, clock=clock)
     src.attach(dev.timers)
     dev.step(np.array([1, 2, 3]), 0)
@@ -132,7 +134,7 @@ def test_on_demand_charges_the_modelled_disk_to_a_virtual_clock(hf_models):
     assert t.load_s == pytest.approx(t.loaded_bytes / 1e6) and t.stall_s == pytest.approx(t.load_s)
     assert t.stalls == t.loads
     with pytest.raises(TpiError, match="disk_read_mbps: must be > 0"):
-        OnDemandSource(store, disk_read_mbps=0)
+        OnDemandSource(store, DeviceEnv(disk=DiskModel(0)))
 
 
 # ---------------------------------------------------------------------------------------------------

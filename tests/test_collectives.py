@@ -11,9 +11,12 @@ import time
 import numpy as np
 import pytest
 
+from tpicore.comm.channel import PeerLost, PeerTimeout
 from tpicore.comm.collectives import ALGOS, Collective, allreduce, broadcast
-from tpicore.comm.transport import Group, open_listener, run_local_processes
-from tpicore.comm.wire import PeerLost, PeerTimeout
+from tpicore.comm.endpoint import open_listener
+from tpicore.comm.frame import wire_nbytes
+from tpicore.comm.group import Group
+from tpicore.comm.local import local_groups, run_local_processes
 from tpicore.errors import TpiError
 
 SIZES = [1, 7, 16384]  # floats: 4 B, odd (7 floats over 8 ranks leaves an empty ring chunk), 64 KiB
@@ -90,7 +93,7 @@ def _in_threads(groups: list[Group], fn) -> list:
 
 
 def test_threads_mesh_secret_and_preallocated_buffers():
-    groups = Group.local(4, secret=b"k", fingerprint="m")
+    groups = local_groups(4, secret=b"k", fingerprint="m")
 
     def run(g: Group):
         x = np.full((2, 5), g.rank, np.float32)
@@ -121,24 +124,27 @@ def test_link_hook_stamps_and_sees_every_frame():
                 self.sent.append((src, dst, nbytes))
             return 100.0 + src
 
+        def on_wait(self, src: int, dst: int) -> None:
+            pass
+
         def on_recv(self, src, dst, nbytes, t_send, t_deliver) -> None:
             with self.lock:
                 self.recvd.append((src, dst, nbytes, t_send, t_deliver))
 
-    groups = Group.local(3)
+    groups = local_groups(3)  # sealed (a fresh random secret): the hook sees the sealed frame's size
     hook = Hook()
     for g in groups:
         g.link_hook = hook
     _in_threads(groups, lambda g: allreduce(g, np.ones(10, np.float32), "star"))
     for g in groups:
         g.close()
-    frame = 56 + 40
+    frame = wire_nbytes(40, sealed=True)
     assert sorted(hook.sent) == [(0, 1, frame), (0, 2, frame), (1, 0, frame), (2, 0, frame)]
     assert sorted(hook.recvd) == sorted((s, d, n, 1.5, 100.0 + s) for s, d, n in hook.sent)
 
 
 def test_bad_arguments_are_user_errors():
-    groups = Group.local(3, mesh=False)
+    groups = local_groups(3, mesh=False)
     try:
         with pytest.raises(TpiError, match="unknown allreduce algorithm 'nccl'"):
             Collective(groups[0], "nccl")
@@ -154,24 +160,25 @@ def test_bad_arguments_are_user_errors():
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_killed_peer_is_named_within_the_timeout(algo):
+    """A killed rank's sockets close at once: every survivor learns it from EOF (PeerLost, its own or
+    forwarded), never by waiting out the timeout (which would surface as PeerTimeout)."""
     def run(group: Group):
         if group.rank == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-        t0 = time.monotonic()
         try:
             for _ in range(3):
                 allreduce(group, np.ones(1000, np.float32), algo)
         except (PeerLost, PeerTimeout) as e:
-            return type(e).__name__, str(e), time.monotonic() - t0
-        return "no error", "", time.monotonic() - t0
+            return type(e).__name__, str(e)
+        return "no error", ""
 
-    results = run_local_processes(4, run, timeout_s=5.0, return_errors=True)
+    results = run_local_processes(4, run, timeout_s=30.0, return_errors=True)
     assert isinstance(results[2], TpiError) and "exited with code -9" in str(results[2])
     for rank in (0, 1, 3):
-        kind, msg, elapsed = results[rank]
+        kind, msg = results[rank]
         assert kind in ("PeerLost", "PeerTimeout"), (rank, kind, msg)
         assert "rank 2" in msg, (rank, msg)
-        assert elapsed < 5.0
+        assert kind == "PeerLost", (rank, kind, msg)  # detected by EOF, not by the 30 s timeout
 
 
 def test_stalled_peer_times_out_naming_it():
@@ -220,12 +227,11 @@ def test_close_releases_every_socket():
         allreduce(master, np.ones(3, np.float32))
 
 
+@pytest.mark.timeout(30)  # the property is "gives up instead of waiting forever"; no wall-clock assertion
 def test_worker_gives_up_when_no_master_listens():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    t0 = time.monotonic()
     with pytest.raises(TpiError, match=f"could not reach master at 127.0.0.1:{port}"):
         Group.worker(1, f"127.0.0.1:{port}", world_size=2, timeout_s=0.3)
-    assert time.monotonic() - t0 < 2.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -11,6 +12,14 @@ import numpy as np
 import pytest
 
 from tpicore.cli import main
+from tpicore.comm.frame import Kind
+from tpicore.comm.local import local_groups
+from tpicore.dist.tensor_parallel import worker_loop
+from tpicore.errors import TpiError
+from tpicore.runtime.env import DeviceEnv
+from tpicore.runtime.report import RankReport, TimeSplit, TraceEvent
+from tpicore.runtime.window_stats import BlockStats, Stall, StepStats, WindowStats
+from tpicore.weights.store import TensorStore
 
 
 def run_cli(capsys, *argv):
@@ -164,3 +173,41 @@ def test_dump_logits_rows_and_atomic(capsys, model_copy, tmp_path):
 def test_dump_logits_missing_folder(capsys, model_copy, tmp_path):
     code, _, err = gen(capsys, model_copy, "--dump-logits", str(tmp_path / "nope" / "x.npy"))
     assert code == 2 and "--dump-logits" in one_error_line(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# What crosses the control channel: a worker validates the master's options, the master a report
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"read_delay_s": 1.0}, "options: read_delay_s: unknown key"),  # test hooks are local only, never on the wire
+    ({"max_seq": 0}, "options: max_seq: must be an integer >= 1, got 0"),
+    ({"max_seq": 10**9}, "options.max_seq: must be <= 129"),  # bounded by the model's context
+    ({"allreduce": "mesh"}, "options: allreduce: expected one of star, ring, tree"),
+    ({"window": 1}, "options: window: must be an integer >= 2, got 1"),
+    ({"trace": "yes"}, "options: trace: expected true or false"),
+    (None, "options: expected a mapping"),
+])
+def test_worker_refuses_bad_run_options(hf_models, options, needle):
+    model_dir, _ = hf_models("gqa")  # max_position_embeddings 128
+    master, worker = local_groups(2, timeout_s=5.0)
+    try:
+        master.channel(1).send_json(Kind.CONTROL, {"op": "setup", "options": options})
+        with pytest.raises(TpiError, match=re.escape(needle)) as info:
+            worker_loop(worker, TensorStore.from_model_dir(model_dir), DeviceEnv())
+        assert str(info.value).startswith("rank 1: setup from rank 0")
+    finally:
+        master.close()
+        worker.close()
+
+
+def test_rank_report_json_round_trip_and_malformed():
+    window = WindowStats(2, 0, 3, steps=[StepStats(0, 0.1, 0.2, 0.3, 0.7, 0.05, 0.14)],
+                         blocks={"attn": BlockStats(3, 1.0, 0.5, 0.1, 2.0, 0.02)}, first_stall=Stall(0, "ffn1", 0.01))
+    rep = RankReport(1, 10, 2, {"peak_rss_bytes": 10, "page_cache_bytes": 2}, TimeSplit(1.0, 2.0, loads=3),
+                     window, [TraceEvent("attn0", "compute", 0.5, 0.25)])
+    wire = json.loads(json.dumps(rep.to_json()))
+    assert RankReport.from_json(wire) == rep
+    assert set(wire) == {"rank", "peak_rss_bytes", "page_cache_bytes", "memory", "time_split", "window", "trace"}
+    with pytest.raises(TpiError, match="rank 1 sent a malformed report"):
+        RankReport.from_json({**wire, "time_split": {"compute_s": 1.0, "bogus": 2}}, "rank 1")

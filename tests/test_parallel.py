@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -15,10 +14,14 @@ import numpy as np
 import pytest
 from conftest import hf_logits
 
+from tpicore.comm import handshake
+from tpicore.comm.channel import Channel
+from tpicore.comm.frame import BOXED, HEADER_NBYTES, pack_header, unpack_header
 from tpicore.dist.tensor_parallel import ParallelSession, run_local
 from tpicore.errors import TpiError
 from tpicore.runtime.device import Device, ResidentSource
 from tpicore.runtime.generate import generate
+from tpicore.runtime.session import GenerateOptions
 from tpicore.weights.store import TensorStore
 
 PROMPT = [1, 17, 42, 99, 5]
@@ -66,10 +69,7 @@ def test_impossible_split_is_refused(hf_models):
 
 
 def session_args(model_dir, n, timeout_s=3.0, **kw):
-    base = dict(devices=n, model=model_dir, shards=None, ratios=None, allreduce="star", listen=None, secret_file=None,
-                timeout_s=timeout_s, window=None, no_window=True, retain_every=0, trace=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return GenerateOptions(model=model_dir, devices=n, timeout_s=timeout_s, **kw)
 
 
 def port_is_free(port: int) -> bool:
@@ -109,27 +109,34 @@ def test_worker_fault_fails_fast_naming_rank(hf_models, how):
 
 
 def _recording_worker(rank, addr, shard_dir, secret, timeout_s, blas, log_path):
-    """A local worker logging every byte it receives, per socket, in order (handshake included)."""
-    import socket as socket_mod
-
+    """A local worker logging every frame it receives, per socket, in order (handshake included), as its
+    own code sees them: channel frames after opening (on the wire they are sealed, see test_transport_*)."""
     log = open(log_path, "wb")
-    real_recv_into, real_recv = socket_mod.socket.recv_into, socket_mod.socket.recv
+    real_recv_frame, real_header_in, real_body_in = handshake.recv_frame, Channel.header_in, Channel.body_in
 
     def write(sock, data):
         log.write(sock.fileno().to_bytes(4, "little") + len(data).to_bytes(8, "little") + data)
         log.flush()
 
-    def recv_into(self, buf, nbytes=0, flags=0):
-        n = real_recv_into(self, buf, nbytes, flags)
-        write(self, bytes(memoryview(buf).cast("B")[:n]))
-        return n
+    def header(hdr):
+        return pack_header(hdr.kind, hdr.dtype, hdr.shape, src=hdr.src, tag=hdr.tag, nbytes=hdr.nbytes, flags=hdr.flags)
 
-    def recv(self, bufsize, flags=0):
-        data = real_recv(self, bufsize, flags)
-        write(self, data)
-        return data
+    def recv_frame(sock, **kw):
+        hdr, payload = real_recv_frame(sock, **kw)
+        write(sock, header(hdr) + payload.tobytes())
+        return hdr, payload
 
-    socket_mod.socket.recv_into, socket_mod.socket.recv = recv_into, recv
+    def header_in(self):
+        hdr = real_header_in(self)
+        write(self.sock, header(hdr))
+        return hdr
+
+    def body_in(self, hdr, dst):
+        stamps = real_body_in(self, hdr, dst)
+        write(self.sock, bytes(dst) if hdr.nbytes else b"")
+        return stamps
+
+    handshake.recv_frame, Channel.header_in, Channel.body_in = recv_frame, header_in, body_in
     from tpicore.dist import tensor_parallel as parallel
 
     parallel._local_worker_main(rank, addr, shard_dir, secret, timeout_s, blas)
@@ -137,8 +144,6 @@ def _recording_worker(rank, addr, shard_dir, secret, timeout_s, blas, log_path):
 
 def frames_per_socket(path):
     """Split a recorded log into each socket's byte stream, then into (header, payload) frames."""
-    from tpicore.comm.wire import HEADER_NBYTES, unpack_header
-
     data = open(path, "rb").read()
     streams: dict[int, bytearray] = {}
     off = 0
@@ -181,7 +186,7 @@ def test_workers_never_see_token_ids_or_text(hf_models, tmp_path, monkeypatch):
             if dt in ("<i8", "<i4"):  # only positions may be integers: a contiguous range
                 vals = np.frombuffer(payload, dt)
                 assert np.array_equal(vals, np.arange(vals[0], vals[0] + len(vals))), vals
-            elif dt == "u1" and payload:  # control / handshake JSON: no ids, no text
+            elif dt == "u1" and payload and not hdr.flags & BOXED:  # control / handshake JSON: no ids, no text
                 msg = json.loads(payload)
                 assert not {"ids", "tokens", "text", "prompt"} & set(msg), msg
             else:
@@ -202,7 +207,6 @@ def test_cli_generate_devices_json(hf_models):
     rep = json.loads(out.stdout)
     assert len(rep["tokens"]) == 4 and len(rep["per_rank"]) == 3
     assert all("compute_s" in t and "comm_s" in t for t in rep["per_token"])
-    base = single(model_dir)
     st = TensorStore.from_model_dir(model_dir)
     ref = generate(Device(st, ResidentSource(st), 16).step, [1, 2, 3], 4, max_seq=16)
     assert rep["tokens"] == ref.tokens

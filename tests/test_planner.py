@@ -12,11 +12,17 @@ import pytest
 from tpicore.cli import main
 from tpicore.errors import TpiError
 from tpicore.model.config import ModelConfig
-from tpicore.model.split import plan_layouts
+from tpicore.model.split import split_layouts
 from tpicore.runtime.device import Device
 from tpicore.runtime.generate import generate
-from tpicore.runtime.window import WindowSource, check_steady, simulate_window
-from tpicore.tools.planner import device_blocks, paper_peak_bytes, predict
+from tpicore.runtime.window import WindowSource
+from tpicore.runtime.window_model import check_steady, simulate_window
+from tpicore.tools.predictor import device_blocks, paper_peak_bytes, predict
+from tpicore.tools.shard import shard_checkpoint, verify_shard
+from tpicore.tools.synth.checkpoint import write_checkpoint
+from tpicore.tools.synth.presets import preset_config
+from tpicore.tools.synth.unique import write_unique_shards
+from tpicore.weights.manifest import read_manifest
 from tpicore.weights.store import TensorStore, head_row_ranges
 
 MS = 1e-3
@@ -67,14 +73,13 @@ def test_replay_matches_the_conditions():
 
 
 def preset(name: str) -> ModelConfig:
-    from tpicore.tools.synth import preset_config
 
     return ModelConfig.from_dict(preset_config(name))
 
 
 def test_paper_formulas_on_llama2_70b():
     cfg = preset("llama-2-70b")
-    lays = plan_layouts(cfg, 8)
+    lays = split_layouts(cfg, 8)
     h, s = 8192, 28672
     attn = 2 * (1 + 8 / 64) * h * h / 8 + h  # 2(1 + b/a) h^2 p + h
     ffn = 3 * h * s / 8 + h
@@ -110,10 +115,10 @@ def test_predicted_slabs_and_head_chunks_match_the_scheduler(hf_models):
         got = dev.timers.window
         pad = 4 * 16 * 8 * window  # alignment padding (16 floats per tensor) is all the model leaves out
         if window == 2:  # one Attn + one FFN block whatever the timing
-            assert abs(got["slab_bytes"] - pred.slab_bytes) <= pad, (got["slab_bytes"], pred.slab_bytes)
+            assert abs(got.slab_bytes - pred.slab_bytes) <= pad, (got.slab_bytes, pred.slab_bytes)
         else:  # the replay assumes a full window (slow disk), the worst case for which slab a block gets
-            assert got["slab_bytes"] <= pred.slab_bytes + pad, (window, got["slab_bytes"], pred.slab_bytes)
-        assert abs(got["retained_bytes"] - pred.retained_bytes) <= pad
+            assert got.slab_bytes <= pred.slab_bytes + pad, (window, got.slab_bytes, pred.slab_bytes)
+        assert abs(got.retained_bytes - pred.retained_bytes) <= pad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +141,6 @@ def test_plan_cli_reads_checkpoints_and_shards(capsys, hf_models, tmp_path):
     assert main(["plan", "--model", model_dir, "--devices", "2", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["stored_bytes_per_weight"] == 2 and len(rep["per_device"]) == 2
-    from tpicore.tools.synth import preset_config
-    from tpicore.tools.unique_synth import write_unique_shards
 
     write_unique_shards(preset_config("tiny"), str(tmp_path / "u"), 2, 1, "f32", 0)
     assert main(["plan", "--model", str(tmp_path / "u"), "--json"]) == 0
@@ -152,9 +155,6 @@ def test_plan_cli_reads_checkpoints_and_shards(capsys, hf_models, tmp_path):
 
 
 def test_unique_shards_with_all_layers_equal_synth_then_shard(tmp_path):
-    from tpicore.tools.shard import shard_checkpoint, verify_shard
-    from tpicore.tools.synth import preset_config, write_checkpoint
-    from tpicore.tools.unique_synth import write_unique_shards
 
     cfg = preset_config("tiny")
     write_checkpoint(cfg, tmp_path / "hf", dtype="bf16", seed=3, progress=False)
@@ -170,14 +170,11 @@ def test_unique_shards_with_all_layers_equal_synth_then_shard(tmp_path):
 
 
 def test_unique_shards_map_layers_and_run(tmp_path):
-    from tpicore.tools.synth import preset_config
-    from tpicore.tools.unique_synth import write_unique_shards
-    from tpicore.weights.manifest import read_manifest
 
     cfg = dict(preset_config("tiny"), num_hidden_layers=5)
     dirs = write_unique_shards(cfg, str(tmp_path / "u"), 2, 2, "bf16", 0)
     man = read_manifest(dirs[1])
-    assert man["layer_map"] == [0, 1, 0, 1, 0] and man["synthetic"]["unique_layers"] == 2
+    assert man.layer_map == [0, 1, 0, 1, 0] and man.synthetic.unique_layers == 2
     store = TensorStore.from_shard_dir(dirs[0])
     store.check()
     assert {n.split(".")[2] for n in store.ckpt.tensors if n.startswith("model.layers.")} == {"0", "1"}
@@ -195,4 +192,4 @@ def test_unique_shards_map_layers_and_run(tmp_path):
         write_unique_shards(cfg, str(tmp_path / "v"), 2, 6, "bf16", 0)
     assert not any(n.startswith("v") or ".tmp-" in n for n in os.listdir(tmp_path))
     write_unique_shards(cfg, str(tmp_path / "u"), 2, 1, "f32", 0, force=True)
-    assert read_manifest(os.path.join(tmp_path, "u", "rank-0"))["layer_map"] == [0] * 5
+    assert read_manifest(os.path.join(tmp_path, "u", "rank-0")).layer_map == [0] * 5

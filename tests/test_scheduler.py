@@ -15,8 +15,11 @@ import pytest
 
 from tpicore.errors import TpiError
 from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.env import DeviceEnv, DiskModel
 from tpicore.runtime.generate import generate
-from tpicore.runtime.window import READ_BYTES, WindowSource, retained_layers
+from tpicore.runtime.window import WindowSource
+from tpicore.runtime.window_model import retained_layers
+from tpicore.weights.reader import READ_BYTES
 from tpicore.weights.store import TensorStore, head_row_ranges
 
 PROMPT = [1, 17, 42, 99, 5, 130, 64]
@@ -28,8 +31,6 @@ def run_device(model_dir: str, source_fn, n_new: int = 8, allreduce=None, prompt
     store.check()
     source = source_fn(store)
     dev = Device(store, source, 64, **({"allreduce": allreduce} if allreduce else {}))
-    if hasattr(source, "attach"):
-        source.attach(dev.timers)
     try:
         gen = generate(dev.step, prompt, n_new, max_seq=64, keep_logits=True)
     finally:
@@ -65,7 +66,7 @@ def test_window_equals_resident_one_device(hf_models, variant, dtype, window, re
     steps = len(got.tokens)  # prefill + decodes; the loader may have run ahead into one more step
     chunks = len(head_row_ranges(dev.store))
     assert t.loads >= steps * (2 * L - kept + chunks) + kept
-    assert t.window["slab_bytes"] > 0 and (t.window["retained_bytes"] > 0) == (retain > 0)
+    assert t.window.slab_bytes > 0 and (t.window.retained_bytes > 0) == (retain > 0)
 
 
 def test_sharded_checkpoint_and_window_edge_cases(hf_models):
@@ -134,7 +135,8 @@ def drop_page_cache(model_dir: str) -> None:
 @pytest.fixture(scope="module")
 def mid_model(tmp_path_factory):
     """8 layers of hidden 1024 (bf16 on disk, ~0.2 GB; 0.4 GB as float32 in memory)."""
-    from tpicore.tools.synth import llama_config, write_checkpoint
+    from tpicore.tools.synth.checkpoint import write_checkpoint
+    from tpicore.tools.synth.presets import llama_config
 
     cfg = llama_config(hidden=1024, layers=8, heads=8, kv_heads=8, ffn=2816, vocab=512, max_pos=64)
     out = tmp_path_factory.mktemp("mid") / "m"
@@ -176,16 +178,16 @@ def slow_allreduce(seconds: float):
 
 def test_slow_disk_stalls_are_reported(hf_models):
     model_dir, _ = hf_models("gqa", "float32", vocab_size=VOCAB)
-    gen, dev = run_device(model_dir, lambda s: WindowSource(s, window=2, read_delay_s=0.01), n_new=3,
+    gen, dev = run_device(model_dir, lambda s: WindowSource(s, window=2, env=DeviceEnv(disk=DiskModel(extra_s=0.01))), n_new=3,
                           allreduce=slow_allreduce(0.002))
     t, w = dev.timers, dev.timers.window
     blocks_per_step = 2 * dev.cfg.num_hidden_layers + len(head_row_ranges(dev.store))
     assert t.stalls >= 2 * blocks_per_step  # every block of the steady steps waits
     assert t.stall_s > 0.5 * 0.008 * 2 * blocks_per_step
-    assert w["first_steady_stall"]["step"] == 1
-    assert w["steady"]["tight"] is False and w["steady"]["failed"]
-    assert w["steady"]["measured"]["tau_ffn"] >= 0.01
-    assert all(s["stall_share"] > 0.3 for s in w["steps"][1:])
+    assert w.first_steady_stall.step == 1
+    assert w.steady["tight"] is False and w.steady["failed"]
+    assert w.steady["measured"]["tau_ffn"] >= 0.01
+    assert all(s.stall_share > 0.3 for s in w.steps[1:])
 
 
 def test_fast_disk_stalls_are_near_zero(hf_models):
@@ -194,10 +196,10 @@ def test_fast_disk_stalls_are_near_zero(hf_models):
     model_dir, _ = hf_models("gqa", "float32", vocab_size=VOCAB)
     gen, dev = run_device(model_dir, lambda s: WindowSource(s, window=2), n_new=4, allreduce=slow_allreduce(0.005))
     w = dev.timers.window
-    steady = w["steps"][1:]
+    steady = w.steps[1:]
     assert len(steady) == 3
-    assert sum(s["stall_s"] for s in steady) < 0.1 * sum(s["wall_s"] for s in steady), steady
-    assert w["steady"]["tight"] and w["steady"]["loose"], w["steady"]
+    assert sum(s.stall_s for s in steady) < 0.1 * sum(s.wall_s for s in steady), steady
+    assert w.steady["tight"] and w.steady["loose"], w.steady
 
 
 def test_trace_shows_loads_beside_compute(hf_models, tmp_path):
@@ -212,7 +214,7 @@ def test_trace_shows_loads_beside_compute(hf_models, tmp_path):
     generate(dev.step, PROMPT, 3, max_seq=64)
     dev.close()
     path = tmp_path / "trace.json"
-    write_trace(str(path), {0: dev.timers}, dev.timers.events[0][2])
+    write_trace(str(path), {0: dev.timers.events}, dev.timers.events[0][2])
     events = json.loads(path.read_text())["traceEvents"]
     loads = [e for e in events if e.get("cat") == "load"]
     busy = [e for e in events if e.get("cat") in ("compute", "comm")]
@@ -264,6 +266,7 @@ class StubVirtualClock:
     """A virtual clock on which compute costs nothing: the device's time is then all waiting for loads."""
 
     virtual = True
+    speed = 1.0  # CPU seconds count one for one (the loader's dequantizing, none here)
 
     def __init__(self) -> None:
         self.t = 0.0
@@ -288,7 +291,7 @@ def test_virtual_clock_charges_modelled_loads(hf_models):
     clock = StubVirtualClock()
     mbps = 80.0  # 10 MB/s
     store = TensorStore.from_model_dir(model_dir)
-    src = WindowSource(store, window=2, clock=clock, disk_read_mbps=mbps)
+    src = WindowSource(store, window=2, env=DeviceEnv(clock=clock, disk=DiskModel(mbps)))
     dev = Device(store, src, 64, clock=clock)
     src.attach(dev.timers)
     generate(dev.step, PROMPT, 3, max_seq=64)
@@ -297,7 +300,7 @@ def test_virtual_clock_charges_modelled_loads(hf_models):
     assert clock.now() == pytest.approx(used / (mbps * 1e6 / 8), rel=1e-9)
     assert dev.timers.stall_s == pytest.approx(clock.now(), rel=1e-9)
     with pytest.raises(TpiError, match="disk_read_mbps"):
-        WindowSource(store, window=2, disk_read_mbps=0)
+        WindowSource(store, window=2, env=DeviceEnv(disk=DiskModel(read_mbps=0)))
 
 
 def test_synth_unique_layers_cli_says_outputs_are_meaningless(tmp_path):

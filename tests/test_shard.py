@@ -19,13 +19,8 @@ from tpicore import cli
 from tpicore.errors import TpiError
 from tpicore.model import llama as M
 from tpicore.model.config import ModelConfig
-from tpicore.model.split import (
-    ATTN_LEAVES,
-    FFN_LEAVES,
-    MASTER_ONLY,
-    plan_layouts,
-    shard_slice,
-)
+from tpicore.model.split import split_layouts
+from tpicore.model.tensors import ATTN_LEAVES, FFN_LEAVES, MASTER_ONLY, shard_slice
 from tpicore.tools import shard as S
 from tpicore.weights.checkpoint import Checkpoint
 from tpicore.weights.store import TensorStore
@@ -35,10 +30,9 @@ DUMMY_MASTER_FILES = {"tokenizer.json": '{"version": "1.0"}\n', "tokenizer_confi
 
 
 def take(arr: np.ndarray, how) -> np.ndarray:
-    if how is True:
+    if how.whole:
         return arr
-    axis, start, stop = how
-    return arr[(slice(None),) * axis + (slice(start, stop),)]
+    return arr[(slice(None),) * how.axis + (slice(how.start, how.stop),)]
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +59,25 @@ def sharded(source, tmp_path_factory) -> list[str]:
 
 def test_manifests_valid(source, sharded):
     cfg = ModelConfig.from_dir(source)
-    layouts = plan_layouts(cfg, 3, [2.0, 1.0, 1.0])
+    layouts = split_layouts(cfg, 3, [2.0, 1.0, 1.0])
     with open(os.path.join(source, "config.json")) as f:
         config = json.load(f)
     with open(os.path.join(source, "generation_config.json")) as f:
         generation = json.load(f)
     mans = [S.read_manifest(d) for d in sharded]
     assert [os.path.basename(d) for d in sharded] == ["rank-0", "rank-1", "rank-2"]
-    assert len({m["fingerprint"] for m in mans}) == 1
+    assert len({m.fingerprint for m in mans}) == 1
     for r, m in enumerate(mans):
-        assert (m["format"], m["rank"], m["world_size"], m["ratios"]) == ("tpicore-shard/1", r, 3, [2.0, 1.0, 1.0])
-        assert m["layout"] == layouts[r].to_json()
-        assert m["config"] == config and m["generation_config"] == generation
-        assert m["layer_map"] == list(range(cfg.num_hidden_layers))
-        assert m["files"] == ["shard.safetensors"]
+        assert (m.format, m.rank, m.world_size, m.ratios) == ("tpicore-shard/1", r, 3, [2.0, 1.0, 1.0])
+        assert m.layout.to_json() == layouts[r].to_json()
+        assert m.config == config and m.generation_config == generation
+        assert m.layer_map == list(range(cfg.num_hidden_layers))
+        assert m.files == ["shard.safetensors"]
         assert os.path.basename(sharded[r]) == f"rank-{r}"
         # the engine's own shape check for this rank's layout passes
         store = TensorStore.from_shard_dir(sharded[r])
         store.check()
-        assert store.layout == layouts[r] and store.fingerprint == m["fingerprint"]
+        assert store.layout == layouts[r] and store.fingerprint == m.fingerprint
 
 
 def test_slices_byte_equal_to_source(source, sharded):
@@ -93,24 +87,24 @@ def test_slices_byte_equal_to_source(source, sharded):
     src = Checkpoint.from_dir(source)
     for d in sharded:
         man = S.read_manifest(d)
-        lay = plan_layouts(cfg, 3, [2.0, 1.0, 1.0])[man["rank"]]
-        expected = {name for name in src.tensors if shard_slice(name, lay, cfg) is not False}
-        assert set(man["tensors"]) == expected
+        lay = split_layouts(cfg, 3, [2.0, 1.0, 1.0])[man.rank]
+        expected = {name for name in src.tensors if shard_slice(name, lay, cfg) is not None}
+        assert set(man.tensors) == expected
         got = Checkpoint([os.path.join(d, "shard.safetensors")], d)
         reference = load_file(os.path.join(d, "shard.safetensors"))  # the safetensors library accepts the file
         assert set(reference) == expected
-        for name, t in man["tensors"].items():
+        for name, t in man.tensors.items():
             want = np.ascontiguousarray(take(src.raw(name), shard_slice(name, lay, cfg)))
             info = got.info(name)
-            assert (list(info.shape), info.dtype, info.offset, info.nbytes) == (t["shape"], t["dtype"], t["offset"],
-                                                                                t["nbytes"])
+            assert (list(info.shape), info.dtype, info.offset, info.nbytes) == (list(t.shape), t.dtype, t.offset,
+                                                                                t.nbytes)
             assert info.offset % info.itemsize == 0, name  # aligned for zero-copy views
             assert got.raw(name).tobytes() == want.tobytes(), name
             assert reference[name].tobytes() == want.tobytes(), name
 
 
 def test_master_only_on_rank0(sharded):
-    names = [set(S.read_manifest(d)["tensors"]) for d in sharded]
+    names = [set(S.read_manifest(d).tensors) for d in sharded]
     for name in MASTER_ONLY:
         assert name in names[0]
         assert all(name not in n for n in names[1:])
@@ -155,10 +149,10 @@ def test_verify_passes_and_detects_a_flipped_byte(sharded, tmp_path):
     shutil.copytree(sharded[1], bad)
     man = S.read_manifest(bad)
     name = "model.layers.1.mlp.down_proj.weight"
-    t = man["tensors"][name]
+    t = man.tensors[name]
     path = os.path.join(bad, "shard.safetensors")
     with open(path, "r+b") as f:
-        f.seek(t["offset"] + t["nbytes"] // 2)
+        f.seek(t.offset + t.nbytes // 2)
         b = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 0x10]))
@@ -186,7 +180,7 @@ def test_read_manifest_errors_name_file_and_field(sharded, tmp_path):
     check({**good, "rank": 3}, "field 'rank': expected 0..2, got 3")
     check({**good, "files": ["../x.safetensors"]}, "field 'files': expected plain file names in the shard folder, "
                                                    "got ['../x.safetensors']")
-    assert S.read_manifest(sharded[1])["format"] == "tpicore-shard/1"
+    assert S.read_manifest(sharded[1]).format == "tpicore-shard/1"
     with open(path, "w") as f:
         json.dump({**good, "format": "tpicore-shard/0"}, f)
     with pytest.raises(TpiError, match="field 'format': expected 'tpicore-shard/1'"):
@@ -211,7 +205,7 @@ def test_cli_refusals_and_force(source, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
     rc, stdout, _ = run_cli(base + ["--devices", "2"], capsys)
     assert rc == 0 and stdout.split() == [f"{out}/rank-0", f"{out}/rank-1"]
-    fp2 = S.read_manifest(f"{out}/rank-0")["fingerprint"]
+    fp2 = S.read_manifest(f"{out}/rank-0").fingerprint
     # non-empty OUT is refused without --force...
     rc, _, err = run_cli(base + ["--devices", "3"], capsys)
     assert rc == 2 and "already exists and is not empty (use --force" in err and err.count("\n") == 1
@@ -221,7 +215,7 @@ def test_cli_refusals_and_force(source, tmp_path, capsys):
     rc, _, _ = run_cli(base + ["--devices", "3", "--force", "--ratios", "2,1,1", "--verify"], capsys)
     assert rc == 0 and sorted(os.listdir(out)) == ["rank-0", "rank-1", "rank-2"]
     assert os.listdir(tmp_path) == ["out"]
-    assert S.read_manifest(f"{out}/rank-0")["fingerprint"] != fp2
+    assert S.read_manifest(f"{out}/rank-0").fingerprint != fp2
     # --force never deletes a folder that is not shard output
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -233,6 +227,19 @@ def test_cli_refusals_and_force(source, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert S.shard_checkpoint(source, str(empty), 1, quiet=True) == [f"{empty}/rank-0"]
+
+
+def test_next_run_sweeps_what_a_killed_run_left(source, tmp_path):
+    """A killed run leaves OUT.tmp-<pid> (and maybe OUT.old-<pid>); the next run writing OUT removes those
+    of processes that are gone, and leaves a live process's folder alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "out"
+    for name in (f"out.tmp-{dead_pid}", f"out.old-{dead_pid}", f"out.tmp-{os.getppid()}"):
+        (tmp_path / name / "rank-0").mkdir(parents=True)
+    S.shard_checkpoint(source, str(out), 2, quiet=True)
+    assert sorted(os.listdir(tmp_path)) == ["out", f"out.tmp-{os.getppid()}"]
 
 
 def test_failure_removes_temp_folder(source, tmp_path, monkeypatch):
@@ -260,10 +267,10 @@ def test_bf16_multi_file_source_kept_bf16(hf_models, tmp_path):
     dirs = S.shard_checkpoint(src_dir, str(tmp_path / "out"), 2, quiet=True)
     for d in dirs:
         man = S.read_manifest(d)
-        lay = plan_layouts(cfg, 2)[man["rank"]]
+        lay = split_layouts(cfg, 2)[man.rank]
         got = Checkpoint([os.path.join(d, "shard.safetensors")], d)
-        assert {t["dtype"] for t in man["tensors"].values()} == {"BF16"}
-        for name in man["tensors"]:
+        assert {t.dtype for t in man.tensors.values()} == {"BF16"}
+        for name in man.tensors:
             want = np.ascontiguousarray(take(src.raw(name), shard_slice(name, lay, cfg)))
             assert got.raw(name).tobytes() == want.tobytes(), name
         S.verify_shard(d)
@@ -272,14 +279,14 @@ def test_bf16_multi_file_source_kept_bf16(hf_models, tmp_path):
 def test_tied_model_has_no_head(hf_models, tmp_path):
     src_dir, _ = hf_models("tied")
     dirs = S.shard_checkpoint(src_dir, str(tmp_path / "out"), 2, quiet=True)
-    names = [set(S.read_manifest(d)["tensors"]) for d in dirs]
+    names = [set(S.read_manifest(d).tensors) for d in dirs]
     assert "lm_head.weight" not in names[0] | names[1]
     assert "model.embed_tokens.weight" in names[0] and "model.embed_tokens.weight" not in names[1]
     TensorStore.from_shard_dir(dirs[0]).check()
 
 
 def test_fingerprint_identifies_model_and_split(hf_models, source, sharded, tmp_path):
-    fp = S.read_manifest(sharded[0])["fingerprint"]
+    fp = S.read_manifest(sharded[0]).fingerprint
     assert S.model_fingerprint(source, 3, [2, 1, 1]) == fp  # computable from the model without sharding
     assert S.model_fingerprint(source, 3, [4, 2, 2]) == fp  # same layouts: interchangeable shards
     assert S.model_fingerprint(source, 3) != fp  # other layouts
@@ -300,7 +307,7 @@ def test_cached_shards_reused_and_refreshed(source, tmp_path, monkeypatch):
     monkeypatch.setenv("TPI_CACHE_DIR", str(tmp_path / "cache"))
     first = S.cached_shards(model, 2, [1, 1], quiet=True)
     assert all(d.startswith(str(tmp_path / "cache" / "shards")) for d in first)
-    assert [S.read_manifest(d)["rank"] for d in first] == [0, 1]
+    assert [S.read_manifest(d).rank for d in first] == [0, 1]
 
     def no_sharding(*a, **k):
         raise AssertionError("should have reused the cache")

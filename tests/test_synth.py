@@ -1,4 +1,4 @@
-"""tpicore.synth: preset shapes, checkpoints HF can load, dtypes, sharding, streaming memory, CLI errors."""
+"""tpicore.tools.synth: preset shapes, checkpoints HF can load, dtypes, sharding, streaming memory, CLI errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tpicore.errors import TpiError
-from tpicore.tools import synth
+from tpicore.tools.synth import checkpoint, init, presets, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRESETS = ["tiny", "tiny-mha", "tiny-llama3", "tiny-headdim", "tiny-bias", "tiny-tied"]
@@ -40,7 +40,7 @@ def shape_of(cfg: dict) -> tuple:
 
 @pytest.mark.parametrize("name", list(PAPER_SHAPES))
 def test_paper_presets_have_true_shapes(name):
-    cfg = synth.preset_config(name)
+    cfg = presets.preset_config(name)
     assert shape_of(cfg) == PAPER_SHAPES[name]
     assert cfg["head_dim"] == cfg["hidden_size"] // cfg["num_attention_heads"]
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
@@ -60,40 +60,40 @@ def test_paper_presets_have_true_shapes(name):
 
 
 def test_preset_params_and_copies():
-    assert 6.7e9 < synth.param_count(synth.preset_config("llama-2-7b")) < 6.8e9
-    assert 8.0e9 < synth.param_count(synth.preset_config("llama-3.1-8b")) < 8.1e9
-    assert 68e9 < synth.param_count(synth.preset_config("llama-2-70b")) < 70e9
-    assert 1.0e9 < synth.param_count(synth.preset_config("tinyllama-1.1b")) < 1.2e9
-    assert 0.08e9 < synth.param_count(synth.preset_config("small-100m")) < 0.15e9
-    cfg = synth.preset_config("tiny")
+    assert 6.7e9 < checkpoint.param_count(presets.preset_config("llama-2-7b")) < 6.8e9
+    assert 8.0e9 < checkpoint.param_count(presets.preset_config("llama-3.1-8b")) < 8.1e9
+    assert 68e9 < checkpoint.param_count(presets.preset_config("llama-2-70b")) < 70e9
+    assert 1.0e9 < checkpoint.param_count(presets.preset_config("tinyllama-1.1b")) < 1.2e9
+    assert 0.08e9 < checkpoint.param_count(presets.preset_config("small-100m")) < 0.15e9
+    cfg = presets.preset_config("tiny")
     cfg["num_hidden_layers"] = 99
-    assert synth.preset_config("tiny")["num_hidden_layers"] == 3  # callers get copies
+    assert presets.preset_config("tiny")["num_hidden_layers"] == 3  # callers get copies
     with pytest.raises(TpiError, match="unknown preset 'nope'.*tiny"):
-        synth.preset_config("nope")
+        presets.preset_config("nope")
 
 
 def test_tiny_presets_cover_the_edge_cases():
-    p = synth.PRESETS
+    p = presets.PRESETS
     assert p["tiny"]["vocab_size"] == 131 and p["tiny"]["num_key_value_heads"] < p["tiny"]["num_attention_heads"]
     assert p["tiny-mha"]["num_key_value_heads"] == p["tiny-mha"]["num_attention_heads"]
     assert p["tiny-llama3"]["rope_scaling"]["rope_type"] == "llama3"
     assert p["tiny-headdim"]["head_dim"] != p["tiny-headdim"]["hidden_size"] // p["tiny-headdim"]["num_attention_heads"]
     assert p["tiny-bias"]["attention_bias"] and p["tiny-bias"]["mlp_bias"]
     assert p["tiny-tied"]["tie_word_embeddings"]
-    names = [n for n, _ in synth.checkpoint_tensors(p["tiny-bias"])]
+    names = [n for n, _ in checkpoint.checkpoint_tensors(p["tiny-bias"])]
     assert "model.layers.1.self_attn.o_proj.bias" in names and "model.layers.0.mlp.down_proj.bias" in names
-    assert "lm_head.weight" not in [n for n, _ in synth.checkpoint_tensors(p["tiny-tied"])]
-    assert dict(synth.checkpoint_tensors(p["tiny-headdim"]))["model.layers.0.self_attn.o_proj.weight"] == (48, 64)
+    assert "lm_head.weight" not in [n for n, _ in checkpoint.checkpoint_tensors(p["tiny-tied"])]
+    assert dict(checkpoint.checkpoint_tensors(p["tiny-headdim"]))["model.layers.0.self_attn.o_proj.weight"] == (48, 64)
 
 
-@pytest.mark.parametrize("style,vocab", sorted({(synth.tokenizer_style(c), c["vocab_size"])
-                                                for c in synth.PRESETS.values()}))
+@pytest.mark.parametrize("style,vocab", sorted({(tokenizer.tokenizer_style(c), c["vocab_size"])
+                                                for c in presets.PRESETS.values()}))
 def test_tokenizer_vocab_equals_config_vocab(style, vocab):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(synth.build_tokenizer_json(style, vocab))
+    tok = Tokenizer.from_str(tokenizer.build_tokenizer_json(style, vocab))
     assert tok.get_vocab_size(with_added_tokens=True) == vocab
-    cfg = next(c for c in synth.PRESETS.values() if c["vocab_size"] == vocab and synth.tokenizer_style(c) == style)
+    cfg = next(c for c in presets.PRESETS.values() if c["vocab_size"] == vocab and tokenizer.tokenizer_style(c) == style)
     assert tok.encode("hi").ids[0] == cfg["bos_token_id"]
     eos = cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], list) else [cfg["eos_token_id"]]
     want = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"] if style == "llama3" else ["</s>"]
@@ -105,7 +105,7 @@ def test_tokenizer_vocab_equals_config_vocab(style, vocab):
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    return {name: synth.write_checkpoint(synth.preset_config(name), root / name, seed=1) for name in TINY_PRESETS}
+    return {name: checkpoint.write_checkpoint(presets.preset_config(name), root / name, seed=1) for name in TINY_PRESETS}
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -146,9 +146,9 @@ def test_deep_model_stays_in_range(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     for hidden, heads in ((48, 4), (256, 8)):
-        cfg = synth.llama_config(hidden=hidden, layers=22, heads=heads, kv_heads=heads // 4, ffn=hidden * 3,
+        cfg = presets.llama_config(hidden=hidden, layers=22, heads=heads, kv_heads=heads // 4, ffn=hidden * 3,
                                  vocab=131, max_pos=256)
-        d = synth.write_checkpoint(cfg, tmp_path / f"deep{hidden}", dtype="bf16")
+        d = checkpoint.write_checkpoint(cfg, tmp_path / f"deep{hidden}", dtype="bf16")
         model = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32)
         ids = torch.tensor([list(range(3, 60))])
         with torch.no_grad():
@@ -166,45 +166,45 @@ def test_dtypes_written_and_deterministic(tmp_path, dtype, np_name):
     import ml_dtypes  # noqa: F401  (lets safetensors.numpy hand out bfloat16)
     from safetensors.numpy import load_file
 
-    cfg = synth.preset_config("tiny-bias")
-    d = synth.write_checkpoint(cfg, tmp_path / dtype, dtype=dtype, seed=7)
+    cfg = presets.preset_config("tiny-bias")
+    d = checkpoint.write_checkpoint(cfg, tmp_path / dtype, dtype=dtype, seed=7)
     assert json.loads((d / "config.json").read_text())["torch_dtype"] == {"f32": "float32", "f16": "float16",
                                                                           "bf16": "bfloat16"}[dtype]
     path = d / "model.safetensors"
     header, data_start = read_safetensors_header(path)
     assert data_start % 8 == 0 and header["__metadata__"] == {"format": "pt"}
     end = 0
-    for name, shape in synth.checkpoint_tensors(cfg):  # contiguous, in file order, sizes from shapes
+    for name, shape in checkpoint.checkpoint_tensors(cfg):  # contiguous, in file order, sizes from shapes
         info = header[name]
         assert info["shape"] == list(shape) and info["data_offsets"][0] == end
         end = info["data_offsets"][1]
-        assert info["dtype"] == synth.DTYPES[dtype][0]
+        assert info["dtype"] == init.DTYPES[dtype][0]
     assert path.stat().st_size == data_start + end
     tensors = load_file(str(path))
-    for name, shape in synth.checkpoint_tensors(cfg):
-        want = synth.generate_tensor(name, shape, seed=7)  # the f32 values, rounded to nearest even
+    for name, shape in checkpoint.checkpoint_tensors(cfg):
+        want = init.generate_tensor(name, shape, seed=7)  # the f32 values, rounded to nearest even
         got = tensors[name]
         assert got.dtype.name == np_name and got.shape == shape
         np.testing.assert_array_equal(got, want.astype(got.dtype))
-    again = synth.write_checkpoint(cfg, tmp_path / (dtype + "-again"), dtype=dtype, seed=7)
+    again = checkpoint.write_checkpoint(cfg, tmp_path / (dtype + "-again"), dtype=dtype, seed=7)
     assert (again / "model.safetensors").read_bytes() == path.read_bytes()
-    other = synth.write_checkpoint(cfg, tmp_path / (dtype + "-seed8"), dtype=dtype, seed=8)
+    other = checkpoint.write_checkpoint(cfg, tmp_path / (dtype + "-seed8"), dtype=dtype, seed=8)
     assert (other / "model.safetensors").read_bytes() != path.read_bytes()
 
 
 def test_init_scales():
-    emb = synth.generate_tensor("model.embed_tokens.weight", (500, 400))
+    emb = init.generate_tensor("model.embed_tokens.weight", (500, 400))
     assert abs(emb.std() * math.sqrt(400) - 1) < 0.02 and abs(emb.mean()) < 0.01
-    norm = synth.generate_tensor("model.layers.0.input_layernorm.weight", (4000,))
+    norm = init.generate_tensor("model.layers.0.input_layernorm.weight", (4000,))
     assert abs(norm.mean() - 1) < 0.01 and abs(norm.std() - 0.1) < 0.01
 
 
 def test_sharded_checkpoint_and_index(tmp_path):
     from safetensors.numpy import load_file
 
-    cfg = synth.preset_config("tiny")
-    whole = load_file(str(synth.write_checkpoint(cfg, tmp_path / "one") / "model.safetensors"))
-    d = synth.write_checkpoint(cfg, tmp_path / "three", num_shards=3)
+    cfg = presets.preset_config("tiny")
+    whole = load_file(str(checkpoint.write_checkpoint(cfg, tmp_path / "one") / "model.safetensors"))
+    d = checkpoint.write_checkpoint(cfg, tmp_path / "three", num_shards=3)
     files = sorted(p.name for p in d.glob("*.safetensors"))
     assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -220,7 +220,7 @@ def test_sharded_checkpoint_and_index(tmp_path):
         np.testing.assert_array_equal(seen[k], whole[k])  # sharding does not change any value
     # cutting at a byte budget: every file but the last tensor-by-tensor within it
     budget = 40_000
-    d = synth.write_checkpoint(cfg, tmp_path / "budget", max_shard_bytes=budget)
+    d = checkpoint.write_checkpoint(cfg, tmp_path / "budget", max_shard_bytes=budget)
     sizes = [sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in read_safetensors_header(p)[0].items()
                  if k != "__metadata__") for p in sorted(d.glob("*.safetensors"))]
     assert len(sizes) > 3 and all(s <= budget for s in sizes)
@@ -229,8 +229,8 @@ def test_sharded_checkpoint_and_index(tmp_path):
 def test_sharded_checkpoint_loads_in_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    d1 = synth.write_checkpoint(synth.preset_config("tiny-llama3"), tmp_path / "one", dtype="f16")
-    d4 = synth.write_checkpoint(synth.preset_config("tiny-llama3"), tmp_path / "four", dtype="f16", num_shards=4)
+    d1 = checkpoint.write_checkpoint(presets.preset_config("tiny-llama3"), tmp_path / "one", dtype="f16")
+    d4 = checkpoint.write_checkpoint(presets.preset_config("tiny-llama3"), tmp_path / "four", dtype="f16", num_shards=4)
     ids = torch.tensor([[5, 17, 99, 3, 42]])
     out = []
     for d in (d1, d4):
@@ -243,10 +243,10 @@ def test_sharded_checkpoint_loads_in_transformers(tmp_path):
 def test_layer_override_keeps_layer_weights(tmp_path):
     from safetensors.numpy import load_file
 
-    cfg = synth.preset_config("tiny")
-    full = load_file(str(synth.write_checkpoint(cfg, tmp_path / "full") / "model.safetensors"))
+    cfg = presets.preset_config("tiny")
+    full = load_file(str(checkpoint.write_checkpoint(cfg, tmp_path / "full") / "model.safetensors"))
     cfg["num_hidden_layers"] = 1
-    one = load_file(str(synth.write_checkpoint(cfg, tmp_path / "one") / "model.safetensors"))
+    one = load_file(str(checkpoint.write_checkpoint(cfg, tmp_path / "one") / "model.safetensors"))
     assert set(one) < set(full) and not any(k.startswith("model.layers.1.") for k in one)
     for k in one:
         np.testing.assert_array_equal(one[k], full[k])
@@ -254,14 +254,14 @@ def test_layer_override_keeps_layer_weights(tmp_path):
 
 def test_peak_memory_is_far_below_checkpoint_size(tmp_path):
     """Write a ~330 MB checkpoint in a fresh process; its peak RSS must stay under a third of that."""
-    cfg = synth.llama_config(hidden=1024, layers=5, heads=8, kv_heads=8, ffn=4096, vocab=131, max_pos=256)
-    weight_bytes = synth.param_count(cfg) * 4
+    cfg = presets.llama_config(hidden=1024, layers=5, heads=8, kv_heads=8, ffn=4096, vocab=131, max_pos=256)
+    weight_bytes = checkpoint.param_count(cfg) * 4
     assert 300e6 < weight_bytes < 400e6
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of this (torch-sized)
     # pytest process would report the parent's footprint.
     code = ("import json, re, sys\n"
-            "from tpicore.tools import synth\n"
-            "synth.write_checkpoint(json.loads(sys.argv[1]), sys.argv[2], progress=False)\n"
+            "from tpicore.tools.synth.checkpoint import write_checkpoint\n"
+            "write_checkpoint(json.loads(sys.argv[1]), sys.argv[2], progress=False)\n"
             "status = open('/proc/self/status').read()\n"
             "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)) * 1024)\n")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(tmp_path / "big")], cwd=REPO,
@@ -282,17 +282,17 @@ def test_existing_output_is_refused_and_untouched(tmp_path):
     (out / "notes.txt").write_text("precious")
     before = listing(out)
     with pytest.raises(TpiError, match=r"out: exists and is not empty \(pass --force"):
-        synth.write_checkpoint(synth.preset_config("tiny"), out)
+        checkpoint.write_checkpoint(presets.preset_config("tiny"), out)
     with pytest.raises(TpiError, match="holds no config.json; refusing"):  # --force only replaces checkpoints
-        synth.write_checkpoint(synth.preset_config("tiny"), out, force=True)
+        checkpoint.write_checkpoint(presets.preset_config("tiny"), out, force=True)
     assert listing(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    synth.write_checkpoint(synth.preset_config("tiny"), empty)  # an empty folder is fine
+    checkpoint.write_checkpoint(presets.preset_config("tiny"), empty)  # an empty folder is fine
     old = listing(empty)
-    synth.write_checkpoint(synth.preset_config("tiny"), empty, seed=3, force=True)
+    checkpoint.write_checkpoint(presets.preset_config("tiny"), empty, seed=3, force=True)
     assert listing(empty).keys() == old.keys() and listing(empty) != old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]
     assert oct(empty.stat().st_mode & 0o777) == oct(0o755)
@@ -306,9 +306,9 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
         path.write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(synth, "_write_safetensors", failing_write)
+    monkeypatch.setattr(checkpoint, "_write_safetensors", failing_write)
     with pytest.raises(OSError):
-        synth.write_checkpoint(synth.preset_config("tiny"), tmp_path / "out")
+        checkpoint.write_checkpoint(presets.preset_config("tiny"), tmp_path / "out")
     assert calls and list(tmp_path.iterdir()) == []
 
 
@@ -321,16 +321,16 @@ def test_config_file_as_arch(tmp_path):
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
     (tmp_path / "config.json").write_text(json.dumps(src))
     for arch in (tmp_path / "config.json", tmp_path):
-        cfg = synth.resolve_arch(str(arch))
+        cfg = presets.resolve_arch(str(arch))
         assert shape_of(cfg) == (64, 2, 4, 2, 96, 200) and cfg["tie_word_embeddings"]
         assert cfg["rope_theta"] == 500000.0 and cfg["rope_scaling"]["rope_type"] == "llama3"
         assert cfg["rope_scaling"]["original_max_position_embeddings"] == 64 and "rope_theta" not in cfg["rope_scaling"]
     (tmp_path / "config.json").write_text(json.dumps({**src, "model_type": "mistral"}))
     with pytest.raises(TpiError, match="model_type is 'mistral', expected 'llama'"):
-        synth.resolve_arch(str(tmp_path))
+        presets.resolve_arch(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**src, "num_key_value_heads": 3}))
     with pytest.raises(TpiError, match=r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"):
-        synth.resolve_arch(str(tmp_path))
+        presets.resolve_arch(str(tmp_path))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,8 @@ import pytest
 
 from tpicore.errors import TpiError
 from tpicore.tokenizer import StreamDecoder, Tokenizer
-from tpicore.tools import synth
+from tpicore.tools.synth import presets
+from tpicore.tools.synth import tokenizer as synth_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -50,10 +51,10 @@ def write_tokenizer_dir(d: Path, tokenizer_json: str, config: dict | None, jinja
 
 
 def synth_tokenizer_config(style: str, vocab: int) -> dict:
-    cfg = synth.llama_config(hidden=8, layers=1, heads=1, kv_heads=1, ffn=8, vocab=vocab,
-                             rope_scaling=synth.LLAMA3_ROPE_SCALING if style == "llama3" else None)
-    assert synth.tokenizer_style(cfg) == style
-    return synth.tokenizer_config_dict(cfg)
+    cfg = presets.llama_config(hidden=8, layers=1, heads=1, kv_heads=1, ffn=8, vocab=vocab,
+                             rope_scaling=presets.LLAMA3_ROPE_SCALING if style == "llama3" else None)
+    assert synth_tokenizer.tokenizer_style(cfg) == style
+    return synth_tokenizer.tokenizer_config_dict(cfg)
 
 
 def metaspace_tokenizer_json() -> str:
@@ -65,7 +66,7 @@ def metaspace_tokenizer_json() -> str:
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tok.train_from_iterator(list(synth.corpus_lines()) + UNICODE_TEXTS, trainer)
+    tok.train_from_iterator(list(synth_tokenizer.corpus_lines()) + UNICODE_TEXTS, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
                                                        special_tokens=[("<s>", 1)])
     return tok.to_str()
@@ -74,12 +75,12 @@ def metaspace_tokenizer_json() -> str:
 @pytest.fixture(scope="module")
 def tok_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tokenizers")
-    dirs = {name: write_tokenizer_dir(root / name, synth.build_tokenizer_json(style, vocab),
+    dirs = {name: write_tokenizer_dir(root / name, synth_tokenizer.build_tokenizer_json(style, vocab),
                                       synth_tokenizer_config(style, vocab))
             for name, style, vocab in SYNTH_TOKENIZERS}
     dirs["metaspace"] = write_tokenizer_dir(root / "metaspace", metaspace_tokenizer_json(),
                                             {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                                             "chat_template": synth.LLAMA2_CHAT_TEMPLATE})
+                                             "chat_template": synth_tokenizer.LLAMA2_CHAT_TEMPLATE})
     return dirs
 
 
@@ -189,7 +190,7 @@ def test_template_sources_and_helpers_match_hf(tok_dirs, tmp_path, where):
 def test_bos_handling_matches_hf(tok_dirs, tmp_path, post_processor_adds_bos, add_bos_token):
     from tokenizers import Tokenizer as Backend
 
-    backend = Backend.from_str(synth.build_tokenizer_json("llama2", 32000))
+    backend = Backend.from_str(synth_tokenizer.build_tokenizer_json("llama2", 32000))
     if not post_processor_adds_bos:
         backend.post_processor = None
     cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -229,6 +230,50 @@ def test_stream_decoder_holds_back_partial_utf8(tok_dirs):
     assert [dec.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
     assert dec.push(ids[-1]) == "🙂"
     assert list(StreamDecoder(ours).feed(ids[:-1])) == ["\ufffd"]  # flushed unfinished character
+
+
+class WindowStreamDecoder:
+    """The streaming decoder StreamDecoder was before it used tokenizers' DecodeStream (kept as the reference):
+    decode a window starting one token before the new ones, emit what it added beyond its prefix, hold
+    back while the window ends in U+FFFD."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_start = self.read_start = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        prefix = self._decode(self.ids[self.prefix_start:self.read_start])
+        text = self._decode(self.ids[self.prefix_start:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_start, self.read_start = self.read_start, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        prefix = self._decode(self.ids[self.prefix_start:self.read_start])
+        text = self._decode(self.ids[self.prefix_start:])
+        self.prefix_start = self.read_start = len(self.ids)
+        return text[len(prefix):]
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in SYNTH_TOKENIZERS] + ["metaspace"])
+def test_stream_decoder_gives_the_window_decoders_pieces(tok_dirs, name):
+    """Same pieces, push by push, and the same flush, as the window decoder it replaced: on every test text
+    and on random ids (which split UTF-8 characters and put special tokens anywhere), twice in a row."""
+    ours = Tokenizer.from_dir(tok_dirs[name])
+    rng = random.Random(7)
+    seqs = [ours.encode(t) for t in texts_for(name)]
+    seqs += [[rng.randrange(ours.vocab_size) for _ in range(rng.randrange(1, 40))] for _ in range(60)]
+    for skip in (True, False):
+        new, ref = StreamDecoder(ours, skip), WindowStreamDecoder(ours, skip)
+        for ids in seqs:
+            assert [new.push(i) for i in ids] == [ref.push(i) for i in ids], ids
+            assert new.flush() == ref.flush(), ids
 
 
 def test_errors_name_the_file(tmp_path, tok_dirs):

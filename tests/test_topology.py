@@ -8,17 +8,15 @@ import pytest
 import yaml
 
 from emulator.config.topology import (
-    Device,
+    Machine,
     Link,
     Topology,
     load_topology,
     make_topology,
-    parse_bytes,
-    parse_mbps,
-    parse_ms,
     topology_from_dict,
 )
 from tpicore.errors import TpiError
+from tpicore.units import parse_bytes, parse_mbps, parse_ms
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "topologies"
 
@@ -52,7 +50,7 @@ def test_presets_load():
 
 
 def test_path_lengths_per_shape():
-    devices = [Device(f"d{i}", cores=1, mem_bytes=2**30) for i in range(4)]
+    devices = [Machine(f"d{i}", cores=1, mem_bytes=2**30) for i in range(4)]
     link = Link(latency_ms=1, bandwidth_mbps=300)
     assert make_topology(devices, "klonet", link).route(3, 0) == ("d3>gw:d3", "gw:d3>core", "core>gw:d0", "gw:d0>d0")
     assert make_topology(devices, "star", link).route(3, 0) == ("d3>switch", "switch>d0")
@@ -125,8 +123,8 @@ def test_dataclasses_validate_directly():
     with pytest.raises(TpiError, match=r"bandwidth_mbps: must be > 0"):
         Link(bandwidth_mbps=0)
     with pytest.raises(TpiError, match=r"speed: must be > 0"):
-        Device("a", cores=1, mem_bytes=1, speed=0)
-    d = [Device("a", 1, 1), Device("b", 1, 1)]
+        Machine("a", cores=1, mem_bytes=1, speed=0)
+    d = [Machine("a", 1, 1), Machine("b", 1, 1)]
     with pytest.raises(TpiError, match=r"paths\['a', 'b'\]: unknown link 'nope'"):
         Topology(devices=tuple(d), links={}, paths={("a", "b"): ("nope",), ("b", "a"): ("nope",)})
     with pytest.raises(TpiError, match=r"per_device: unknown device 'c'"):

@@ -1,4 +1,4 @@
-"""The wire format and the handshake: round trips, a fuzzed decoder, and every refusal the master makes."""
+"""The frame format, channels and the handshake: round trips, a fuzzed decoder, every refusal the master makes."""
 
 from __future__ import annotations
 
@@ -12,27 +12,39 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpicore.comm.transport import Channel, Group, _join_peer, open_listener
-from tpicore.comm.wire import (
+from tpicore.comm.channel import (
+    NO_LINK_HOOK,
+    Channel,
+    PeerLost,
+    PeerTimeout,
+    recv_frame,
+    send_frame,
+)
+from tpicore.comm.endpoint import open_listener
+from tpicore.comm.frame import (
     DEFAULT_MAX_NBYTES,
     HEADER,
     HEADER_NBYTES,
     MAGIC,
     PROTOCOL_VERSION,
+    STAMPED,
+    STAMPS_NBYTES,
     DType,
     Kind,
-    PeerLost,
-    PeerTimeout,
     ProtocolError,
+    Stamps,
     header_for,
     json_payload,
     pack_header,
+    pack_stamps,
     parse_json,
-    recv_frame,
-    recv_tensor_into,
-    send_frame,
     unpack_header,
+    unpack_stamps,
+    wire_nbytes,
 )
+from tpicore.comm.group import Group
+from tpicore.comm.handshake import Terms, join_peer
+from tpicore.comm.seal import FrameCipher, derive_keys
 from tpicore.errors import TpiError
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.int32, np.int64, np.uint8]
@@ -72,30 +84,79 @@ def _sample(dtype, shape) -> np.ndarray:
 
 
 def test_header_layout_is_fixed():
-    assert HEADER_NBYTES == HEADER.size == 56
-    h = pack_header(Kind.TENSOR, DType.F16, (7, 9), src=3, tag=0xABCDEF01, nbytes=7 * 9 * 2,
-                    t_send=1.25, t_deliver=2.5)
+    assert HEADER_NBYTES == HEADER.size == 40 and STAMPS_NBYTES == 16
+    h = pack_header(Kind.TENSOR, DType.F16, (7, 9), src=3, tag=0xABCDEF01, nbytes=7 * 9 * 2, flags=STAMPED)
     assert h[:4] == MAGIC
-    assert struct.unpack_from("<HHBB", h, 4) == (PROTOCOL_VERSION, Kind.TENSOR, DType.F16, 2)
-    assert struct.unpack_from("<4I", h, 10) == (7, 9, 0, 0)
-    assert struct.unpack_from("<HIddQ", h, 26) == (3, 0xABCDEF01, 1.25, 2.5, 126)
+    assert struct.unpack_from("<HBBBB", h, 4) == (PROTOCOL_VERSION, Kind.TENSOR, DType.F16, 2, STAMPED)
+    assert struct.unpack_from("<HI", h, 10) == (3, 0xABCDEF01)
+    assert struct.unpack_from("<4I", h, 16) == (7, 9, 0, 0)
+    assert struct.unpack_from("<Q", h, 32) == (126,)
+    assert pack_stamps(Stamps(1.25, 2.5)) == struct.pack("<dd", 1.25, 2.5)
+    assert unpack_stamps(pack_stamps(Stamps(1.25, 2.5))) == (1.25, 2.5)
 
 
+class StampingHook:
+    """Stamps every frame (now 1.0, delivery 3.0) and records what the receiving side sees."""
+
+    def __init__(self):
+        self.seen = []
+
+    def now(self) -> float:
+        return 1.0
+
+    def on_send(self, src, dst, nbytes) -> float:
+        return 3.0
+
+    def on_wait(self, src, dst) -> None:
+        pass
+
+    def on_recv(self, src, dst, nbytes, t_send, t_deliver) -> None:
+        self.seen.append((src, dst, nbytes, t_send, t_deliver))
+
+
+def channel_pair(sealed: bool, rank_a: int = 2, rank_b: int = 0) -> tuple[Channel, Channel]:
+    """Two connected channels (a = rank_a, b = rank_b), sealed with fresh keys when asked."""
+    a, b = socket.socketpair()
+    ca = cb = None
+    if sealed:
+        keys = derive_keys(b"k" * 32, b"j" * 32, b"a" * 32, b"transcript")
+        ca, cb = FrameCipher.for_joiner(keys, "rank b"), FrameCipher.for_acceptor(keys, "rank a")
+    return (Channel(a, rank=rank_a, peer_rank=rank_b, timeout_s=2.0, cipher=ca),
+            Channel(b, rank=rank_b, peer_rank=rank_a, timeout_s=2.0, cipher=cb))
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_round_trip_every_dtype_and_ndim(pair, dtype, shape):
-    a, b = pair
+def test_round_trip_every_dtype_and_ndim(dtype, shape, sealed):
+    a, b = channel_pair(sealed)
     x = _sample(dtype, shape)
-    send_frame(a, Kind.TENSOR, x, src=2, tag=7, t_send=1.0, t_deliver=3.0)
-    hdr, y = recv_frame(b)
-    assert (hdr.kind, hdr.src, hdr.tag, hdr.t_send, hdr.t_deliver) == (Kind.TENSOR, 2, 7, 1.0, 3.0)
+    a.link_hook = StampingHook()
+    b.link_hook = hook = StampingHook()
+    a.send_array(Kind.TENSOR, x, tag=7)
+    y = b.recv_array(Kind.TENSOR, tag=7)
+    assert hook.seen == [(2, 0, wire_nbytes(x.nbytes, sealed), 1.0, 3.0)]
     assert y.dtype == np.dtype(dtype) and y.shape == shape
     assert y.tobytes() == x.tobytes()
-    # into a preallocated buffer: same bytes, and the buffer itself is filled
+    # into a preallocated buffer, unstamped (no hook): same bytes, and the buffer itself is filled
     out = np.empty(shape, dtype)
-    send_frame(a, Kind.BCAST, x)
-    assert recv_tensor_into(b, out).kind == Kind.BCAST
+    a.link_hook = NO_LINK_HOOK
+    a.send_array(Kind.BCAST, x)
+    assert b.recv_into(out, Kind.BCAST) is out
     assert out.tobytes() == x.tobytes()
+    assert hook.seen[1][3:] == (0.0, 0.0)
+    a.close()
+    b.close()
+
+
+def test_plain_frames_carry_no_extension_unless_stamped(pair):
+    a, b = pair
+    ch = Channel(a, rank=1, peer_rank=0, timeout_s=2.0)
+    ch.send_array(Kind.TENSOR, np.zeros(3, np.float32))
+    assert len(b.recv(4096)) == HEADER_NBYTES + 12  # a real run pays for no timestamps
+    ch.link_hook = StampingHook()
+    ch.send_array(Kind.TENSOR, np.zeros(3, np.float32))
+    assert len(b.recv(4096)) == HEADER_NBYTES + STAMPS_NBYTES + 12
 
 
 def test_non_contiguous_arrays_are_sent_as_their_values(pair):
@@ -107,9 +168,9 @@ def test_non_contiguous_arrays_are_sent_as_their_values(pair):
 
 def test_recv_into_rejects_a_frame_of_another_shape(pair):
     a, b = pair
-    send_frame(a, Kind.TENSOR, np.zeros(4, np.float32))
+    send_frame(a, Kind.TENSOR, np.zeros(4, np.float32), src=1)
     with pytest.raises(ProtocolError, match=r"sent shape \(4,\) float32, expected \(5,\) float32"):
-        recv_tensor_into(b, np.empty(5, np.float32))
+        Channel(b, rank=0, peer_rank=1, timeout_s=2.0).recv_into(np.empty(5, np.float32))
 
 
 def test_unsendable_arrays_are_refused():
@@ -130,15 +191,21 @@ def _good(**over) -> dict:
     (pack_header(**_good(), version=PROTOCOL_VERSION + 1), "protocol version"),
     (pack_header(**_good(kind=99)), "unknown message kind 99"),
     (pack_header(**_good(dtype=42)), "unknown dtype code 42"),
-    (pack_header(**_good(shape=(1, 1, 1, 1), nbytes=4))[:9] + b"\x05" + pack_header(**_good())[10:], "ndim 5"),
+    (pack_header(**_good(shape=(1, 1, 1, 1), nbytes=4))[:8] + b"\x05" + pack_header(**_good())[9:], "ndim 5"),
     (pack_header(**_good(nbytes=25)), "does not match shape"),
     (pack_header(**_good(shape=(1 << 20, 1 << 12), nbytes=1 << 34)), "exceeds the limit"),
-    (pack_header(**_good(t_send=float("nan"))), "bad timestamps"),
-    (pack_header(**_good(shape=(2, 3), nbytes=24))[:9] + b"\x01" + pack_header(**_good())[10:], "past ndim"),
+    (pack_header(**_good(flags=0x80)), "unknown flag bits 0x80"),
+    (pack_header(**_good(shape=(2, 3), nbytes=24))[:8] + b"\x01" + pack_header(**_good())[9:], "past ndim"),
 ])
 def test_decoder_names_the_bad_field(raw, match):
     with pytest.raises(ProtocolError, match=match):
         unpack_header(raw, DEFAULT_MAX_NBYTES)
+
+
+@pytest.mark.parametrize("t_send, t_deliver", [(float("nan"), 0.0), (0.0, float("inf")), (-1.0, 0.0)])
+def test_bad_timestamps_are_refused(t_send, t_deliver):
+    with pytest.raises(ProtocolError, match="bad timestamps"):
+        unpack_stamps(struct.pack("<dd", t_send, t_deliver))
 
 
 def test_json_payloads(pair):
@@ -166,8 +233,7 @@ def frames(draw):
     shape = tuple(draw(st.lists(st.integers(0, 5), max_size=4)))
     nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
     header = pack_header(draw(st.sampled_from(list(Kind))), code, shape, src=draw(st.integers(0, 65535)),
-                         tag=draw(st.integers(0, 2**32 - 1)), nbytes=nbytes,
-                         t_send=draw(st.floats(0, 1e9)), t_deliver=draw(st.floats(0, 1e9)))
+                         tag=draw(st.integers(0, 2**32 - 1)), nbytes=nbytes)
     return header + draw(st.binary(min_size=nbytes, max_size=nbytes))
 
 
@@ -193,7 +259,7 @@ def test_fuzz_corrupted_header(frame, data):
     pos = data.draw(st.integers(0, HEADER_NBYTES - 1))
     val = data.draw(st.integers(0, 255))
     got = _feed(frame[:pos] + bytes([val]) + frame[pos + 1:])
-    # a changed tag/src/timestamp can still be a valid frame; everything else must be refused cleanly
+    # a changed tag/src/flag can still be a valid frame; everything else must be refused cleanly
     assert not isinstance(got, Exception) or isinstance(got, (ProtocolError, PeerLost))
 
 
@@ -231,7 +297,7 @@ def test_silent_peer_times_out_naming_it(pair):
     with pytest.raises(PeerTimeout, match=r"rank 3 sent nothing for 0\.2 s"):
         ch.recv_array()
     a.sendall(pack_header(**_good(src=3))[:20])  # stalls mid-header
-    with pytest.raises(PeerTimeout, match=r"rank 3 sent nothing for 0\.2 s mid-frame \(20 of 56 bytes\)"):
+    with pytest.raises(PeerTimeout, match=rf"rank 3 sent nothing for 0\.2 s mid-frame \(20 of {HEADER_NBYTES} bytes\)"):
         ch.recv_array()
 
 
@@ -336,12 +402,13 @@ def test_master_times_out_naming_missing_ranks_and_last_refusal():
     (dict(fingerprint="other"), r"model fingerprint mismatch: rank 1 .* has 'other', rank 0 has 'fp'"),
 ])
 def test_mismatched_fields_are_refused_by_name(kw, match):
-    m = MasterThread(2, fingerprint="fp")
-    args = dict(world_size=2, fingerprint="fp", timeout_s=5)
+    """An authenticated peer (it proved the secret) is told both sides' values."""
+    m = MasterThread(2, fingerprint="fp", secret=b"k" * 16)
+    args = dict(world_size=2, fingerprint="fp", timeout_s=5, secret=b"k" * 16)
     args.update(kw)
     with pytest.raises(TpiError, match=match):
         Group.worker(1, m.addr, **args)
-    w = Group.worker(1, m.addr, world_size=2, fingerprint="fp", timeout_s=5)
+    w = Group.worker(1, m.addr, world_size=2, fingerprint="fp", timeout_s=5, secret=b"k" * 16)
     m.join().close()
     w.close()
 
@@ -365,7 +432,7 @@ def test_mismatched_protocol_version_is_refused_by_name():
 def test_duplicate_rank_is_refused():
     m = MasterThread(3, mesh=False)
     first = socket.create_connection(m.addr, timeout=5)  # rank 1, by hand, so it is surely in first
-    _join_peer(first, rank=1, world_size=3, fingerprint="", secret=None, expect_rank=0, listen=None)
+    join_peer(first, rank=1, terms=Terms(3, "", sealed=False), secret=None, expect_rank=0, listen=None)
     with pytest.raises(TpiError, match="rank 1 already joined"):
         Group.worker(1, m.addr, world_size=3, timeout_s=5)
     out: dict = {}

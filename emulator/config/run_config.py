@@ -2,17 +2,19 @@
 
     name: emulate                     # results go to results/<name>.jsonl
     topology: klonet                  # a preset (configs/topologies/<name>.yaml), a path relative to
-                                      # this file, or the topology itself inline (see emulator/topology.py)
+                                      # this file, or the topology itself inline (see emulator/config/topology.py)
     model:                            # exactly one of synth / path
-      synth: small-100m               #   a tpicore.synth preset, written once into .cache/models/<hash>
+      synth: small-100m               #   a tpicore.tools.synth preset, written once into .cache/models/<hash>
       layers: null                    #   override its layer count
       unique_layers: null             #   K: store only K distinct layers (layer l = stored layer l mod K),
-                                      #   written straight as per-device shard folders (tpicore.unique_synth):
+                                      #   written straight as per-device shard folders (tpicore.tools.synth.unique):
                                       #   70B shapes, real bytes read per token, K/L of the disk; outputs
-                                      #   meaningless, timing and memory real (resident weights: see report.py)
-      dtype: f32                      #   f32 | f16 | bf16 (compute is always f32)
+                                      #   meaningless, timing and memory real (resident weights: see results/record.py)
+      dtype: f32                      #   f32 | f16 | bf16 | a ggml type: q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q5_k
+                                      #   q6_k (weights stay quantized on disk, dequantized as used; compute f32;
+                                      #   without unique_layers written as a synthetic GGUF)
       seed: 0
-      # path: /models/llama-2-7b      #   an HF checkpoint folder
+      # path: /models/llama-2-7b      #   an HF checkpoint folder, or a .gguf file (or split set)
     workload:
       prompt_lengths: [16]            # one run per length per repetition
       new_tokens: 16                  # generated per run (EOS does not stop a run: equal work per run)
@@ -21,7 +23,7 @@
       prompt: null                    # or a text, tokenized with the model's tokenizer (then prompt_lengths
                                       # is ignored)
     options:
-      mode: tpi                       # what runs (emulator/baselines.py):
+      mode: tpi                       # what runs (emulator/run/baselines.py):
                                       #   tpi          tensor parallel over all devices; allreduce and window as
                                       #                given below (window null = TP without the scheduler)
                                       #   galaxy       tensor parallel, ring allreduce, no window (sets both)
@@ -32,6 +34,7 @@
                                       #   standalone+ms  the first device alone with the window (default 2)
       clock: virtual                  # virtual | wall
       compute: measured               # measured | free (virtual only: compute costs no time, links only)
+      shaper: user                    # user | kernel (network namespaces + tbf; needs root and clock: wall)
       allreduce: star                 # star | ring | tree
       window: null                    # sliding-window scheduler: null/none = all weights resident, or >= 2
       retain_every: 0                 # the scheduler's FFN retention (0 = off)
@@ -52,122 +55,106 @@ window; pipeline, standalone and offload run without a window; standalone+ms tak
 Overrides (`--set KEY=VALUE`, VALUE read as YAML) are dotted paths into this document; `devices.*` and
 `links.*` are short for `topology.devices.*` and `topology.links.*`. A topology given by name or path is
 read into the document first, so overrides reach into it and results record the topology as run.
-Everything is validated before any process starts; errors name the file and the field.
+Everything is validated before any process starts (tpicore.schema models); errors name the file and the
+field. Owns the run config's data and its YAML form; must not import above emulator.config.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Mapping, Sequence
 
-from emulator.config.topology import Topology, parse_bytes, topology_from_dict
+from pydantic import field_validator, model_validator
+
+from emulator.config.overrides import apply_dotted
+from emulator.config.topology import Topology, topology_from_dict
+from tpicore.comm.channel import DEFAULT_TIMEOUT_S
 from tpicore.errors import TpiError
+from tpicore.schema import (
+    Bytes,
+    Choice,
+    Flag,
+    Int,
+    Invalid,
+    Number,
+    OptInt,
+    OptText,
+    Record,
+    check,
+    is_int,
+    is_number,
+    load,
+    read_yaml,
+)
+from tpicore.tools.synth.init import DTYPES as SYNTH_DTYPES
+from tpicore.weights.quant import BLOCK_TAGS
+
+MODEL_DTYPES = (*SYNTH_DTYPES, *(t.lower() for t in BLOCK_TAGS))  # f32 f16 bf16 q8_0 q4_0 ... q6_k
+from tpicore.tools.synth.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/, results/, .cache/
 TOPOLOGY_DIR = ROOT / "configs" / "topologies"
 
 CLOCKS = ("virtual", "wall")
 COMPUTE = ("measured", "free")
+SHAPERS = ("user", "kernel")  # emulator/net/network.py: the user-space shaper, or the kernel backend
 ALLREDUCE = ("star", "ring", "tree")
 MODES = ("tpi", "galaxy", "pipeline", "standalone", "offload", "standalone+ms")
 SINGLE_DEVICE_MODES = ("standalone", "offload", "standalone+ms")
-DTYPES = ("f32", "f16", "bf16")
 SECTIONS = ("name", "topology", "model", "workload", "options")
 
 
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TpiError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-    return value
+class ModelSpec(Record):
+    """Which checkpoint: an HF folder or GGUF file (`path`) or a synthetic preset (`synth`, + layers/dtype/seed)."""
 
+    path: OptText = None
+    synth: OptText = None
+    layers: OptInt(1) = None
+    unique_layers: OptInt(1) = None
+    dtype: Choice(*MODEL_DTYPES) = "f32"
+    seed: Int(0) = 0
 
-def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise TpiError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _keys(doc: Any, allowed: Sequence[str], where: str) -> dict:
-    if doc is None:
-        return {}
-    if not isinstance(doc, Mapping):
-        raise TpiError(f"{where}: expected a mapping, got {doc!r}")
-    for k in doc:
-        if k not in allowed:
-            raise TpiError(f"{where + '.' if where else ''}{k}: unknown key (allowed: {', '.join(allowed)})")
-    return dict(doc)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which checkpoint: an HF folder (`path`) or a synthetic preset (`synth`, + layers/dtype/seed)."""
-
-    path: str | None = None
-    synth: str | None = None
-    layers: int | None = None
-    unique_layers: int | None = None
-    dtype: str = "f32"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
         if (self.path is None) == (self.synth is None):
-            raise TpiError(f"path/synth: give exactly one (a checkpoint folder, or a synthetic preset), "
-                           f"got path={self.path!r}, synth={self.synth!r}")
-        if self.synth is not None:
-            from tpicore.tools.synth import PRESETS
-
-            if self.synth not in PRESETS:
-                raise TpiError(f"synth: unknown preset {self.synth!r} (presets: {', '.join(PRESETS)})")
-        if self.path is not None and not isinstance(self.path, str):
-            raise TpiError(f"path: expected a folder name, got {self.path!r}")
-        if self.layers is not None:
-            _int(self.layers, "layers", 1)
-        _choice(self.dtype, "dtype", DTYPES)
-        _int(self.seed, "seed", 0)
+            raise Invalid(f"give exactly one (a checkpoint folder, or a synthetic preset), "
+                          f"got path={self.path!r}, synth={self.synth!r}", field="path/synth")
+        if self.synth is not None and self.synth not in PRESETS:
+            raise Invalid(f"unknown preset {self.synth!r} (presets: {', '.join(PRESETS)})", field="synth")
         if self.path is not None and (self.layers is not None or self.unique_layers is not None
                                       or self.dtype != "f32" or self.seed != 0):
-            raise TpiError("layers/unique_layers/dtype/seed: apply to synth only (a checkpoint folder is used "
-                           "as it is)")
+            raise Invalid("apply to synth only (a checkpoint folder is used as it is)",
+                          field="layers/unique_layers/dtype/seed")
         if self.unique_layers is not None:
-            from tpicore.tools.synth import PRESETS
-
-            _int(self.unique_layers, "unique_layers", 1)
             n = self.layers or PRESETS[self.synth]["num_hidden_layers"]
             if self.unique_layers > n:
-                raise TpiError(f"unique_layers: {self.unique_layers} is more than the model's {n} layers")
+                raise Invalid(f"{self.unique_layers} is more than the model's {n} layers", field="unique_layers")
+        return self
 
     @property
     def unique(self) -> bool:
         return self.unique_layers is not None
 
 
-@dataclass(frozen=True)
-class Workload:
+class Workload(Record):
     """The prompt set: one run per (prompt length, repetition), each generating `new_tokens`."""
 
-    prompt_lengths: tuple[int, ...] = (16,)
-    new_tokens: int = 16
-    repetitions: int = 2
-    seed: int = 0
-    prompt: str | None = None
+    prompt_lengths: tuple[Int(1), ...] = (16,)
+    new_tokens: Int(1) = 16
+    repetitions: Int(1) = 2
+    seed: Int(0) = 0
+    prompt: OptText = None
 
-    def __post_init__(self) -> None:
-        lengths = self.prompt_lengths
-        if isinstance(lengths, int) and not isinstance(lengths, bool):
-            lengths = (lengths,)
-        if not isinstance(lengths, (list, tuple)) or not lengths:
-            raise TpiError(f"prompt_lengths: expected a non-empty list of integers, got {self.prompt_lengths!r}")
-        for i, n in enumerate(lengths):
-            _int(n, f"prompt_lengths[{i}]", 1)
-        object.__setattr__(self, "prompt_lengths", tuple(lengths))
-        _int(self.new_tokens, "new_tokens", 1)
-        _int(self.repetitions, "repetitions", 1)
-        _int(self.seed, "seed", 0)
-        if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt):
-            raise TpiError(f"prompt: expected a non-empty text, got {self.prompt!r}")
+    @field_validator("prompt_lengths", mode="before")
+    @classmethod
+    def _lengths(cls, value: Any) -> Any:
+        if is_int(value):
+            return (value,)
+        if not isinstance(value, (list, tuple)) or not value:
+            raise Invalid(f"expected a non-empty list of integers, got {value!r}")
+        return tuple(value)
 
     @property
     def runs(self) -> list[tuple[int, int]]:
@@ -176,69 +163,72 @@ class Workload:
         return [(n, rep) for n in lengths for rep in range(self.repetitions)]
 
 
-@dataclass(frozen=True)
-class Options:
-    mode: str = "tpi"
-    clock: str = "virtual"
-    compute: str = "measured"
-    allreduce: str = "star"
-    window: int | None = None
-    retain_every: int = 0
-    ratios: str | tuple[float, ...] = "equal"
-    mem_cap: int | None = None  # bytes
-    cgroup_root: str | None = None
-    timeout_s: float = 60.0
-    trace: bool = False
-    drop_cache: bool = True
+def _ratios(value: Any) -> str | tuple[float, ...]:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise Invalid("empty list")
+        for i, r in enumerate(value):
+            if not is_number(r) or r <= 0:
+                raise Invalid(f"must be a number > 0, got {r!r}", field=f"[{i}]")
+        if not math.isfinite(sum(float(r) for r in value)):
+            raise Invalid(f"shares too large: their total overflows, got {list(value)}")
+        return tuple(float(r) for r in value)
+    if value not in ("equal", "speed"):
+        raise Invalid(f"expected equal, speed or a list of numbers, got {value!r}")
+    return value
 
-    def __post_init__(self) -> None:
-        _choice(self.mode, "mode", MODES)
-        _choice(self.clock, "clock", CLOCKS)
-        _choice(self.compute, "compute", COMPUTE)
-        if self.compute == "free" and self.clock != "virtual":
-            raise TpiError("compute: 'free' needs clock: virtual (a wall clock cannot skip compute)")
-        _choice(self.allreduce, "allreduce", ALLREDUCE)
-        window = self.window
+
+def _cgroup_root(value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and Path(value).is_dir()):
+        raise Invalid(f"{value} is not a directory")
+    return value
+
+
+class Options(Record):
+    mode: Choice(*MODES) = "tpi"
+    clock: Choice(*CLOCKS) = "virtual"
+    compute: Choice(*COMPUTE) = "measured"
+    shaper: Choice(*SHAPERS) = "user"
+    allreduce: Choice(*ALLREDUCE) = "star"
+    window: OptInt(2) = None
+    retain_every: Int(0) = 0
+    private_layers: Int(0) = 0  # tensor-parallel modes: layers 0..K-1 on the master alone (--private-layers)
+    ratios: Annotated[str | tuple[float, ...], check(_ratios)] = "equal"
+    mem_cap: Bytes(optional=True) = None  # bytes
+    cgroup_root: Annotated[str | None, check(_cgroup_root)] = None
+    timeout_s: Number(gt=0) = DEFAULT_TIMEOUT_S  # transport timeout (real seconds)
+    trace: Flag = False
+    drop_cache: Flag = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_fixes(cls, doc: Any) -> Any:
+        """The mode fixes what it names (see the module docstring); results record the options as run."""
+        if not isinstance(doc, Mapping):
+            return doc
+        doc = dict(doc)
+        window = doc.get("window")
         if isinstance(window, str) and window.strip().lower() in ("none", "null", "off", ""):
-            window = None
-        if window is not None:
-            _int(window, "window", 2)
-        # the mode fixes what it names (see the module docstring); results record the options as run
-        if self.mode == "galaxy":
-            object.__setattr__(self, "allreduce", "ring")
-        if self.mode in ("galaxy", "pipeline", "standalone", "offload"):
-            window = None
-            object.__setattr__(self, "retain_every", 0)
-        elif self.mode == "standalone+ms" and window is None:
-            window = 2
-        object.__setattr__(self, "window", window)
-        _int(self.retain_every, "retain_every", 0)
-        if self.retain_every and window is None:
-            raise TpiError(f"retain_every: {self.retain_every} needs a window (retention is part of the scheduler)")
-        ratios = self.ratios
-        if isinstance(ratios, (list, tuple)):
-            if not ratios:
-                raise TpiError("ratios: empty list")
-            for i, r in enumerate(ratios):
-                if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-                    raise TpiError(f"ratios[{i}]: must be a number > 0, got {r!r}")
-            ratios = tuple(float(r) for r in ratios)
-        elif ratios not in ("equal", "speed"):
-            raise TpiError(f"ratios: expected equal, speed or a list of numbers, got {ratios!r}")
-        object.__setattr__(self, "ratios", ratios)
-        if self.mem_cap is not None:
-            object.__setattr__(self, "mem_cap", parse_bytes(self.mem_cap, "mem_cap"))
-            if self.mem_cap <= 0:
-                raise TpiError(f"mem_cap: must be > 0, got {self.mem_cap}")
-        if self.cgroup_root is not None and not Path(self.cgroup_root).is_dir():
-            raise TpiError(f"cgroup_root: {self.cgroup_root} is not a directory")
-        t = self.timeout_s
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise TpiError(f"timeout_s: must be a number > 0, got {t!r}")
-        object.__setattr__(self, "timeout_s", float(t))
-        for key in ("trace", "drop_cache"):
-            if not isinstance(getattr(self, key), bool):
-                raise TpiError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+            doc["window"] = None
+        mode = doc.get("mode", "tpi")
+        if mode == "galaxy":
+            doc["allreduce"] = "ring"
+        if mode in ("galaxy", "pipeline", "standalone", "offload"):
+            doc["window"], doc["retain_every"] = None, 0
+        elif mode == "standalone+ms" and doc.get("window") is None:
+            doc["window"] = 2
+        return doc
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Options":
+        if self.compute == "free" and self.clock != "virtual":
+            raise Invalid("'free' needs clock: virtual (a wall clock cannot skip compute)", field="compute")
+        if self.shaper == "kernel" and self.clock != "wall":
+            raise Invalid("'kernel' needs clock: wall (the kernel shapes in real time)", field="shaper")
+        if self.retain_every and self.window is None:
+            raise Invalid(f"{self.retain_every} needs a window (retention is part of the scheduler)",
+                          field="retain_every")
+        return self
 
     @property
     def single_device(self) -> bool:
@@ -249,8 +239,40 @@ class Options:
         return self.mode in ("tpi", "galaxy")
 
 
-@dataclass(frozen=True)
-class RunConfig:
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
+        raise Invalid(f"expected a plain file name for results/<name>.jsonl, got {value!r}")
+    return value
+
+
+class RunConfigDoc(Record):
+    """A run config file after its topology is read in and overrides are applied (the topology is
+    validated on its own, as `<source>: topology: ...`)."""
+
+    name: Annotated[str, check(_name)]
+    topology: dict
+    model: ModelSpec | None = None
+    workload: Workload = Workload()
+    options: Options = Options()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None
+
+    @field_validator("workload", "options", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _model_given(self) -> "RunConfigDoc":
+        if self.model is None:
+            raise Invalid("missing (synth: PRESET or path: DIR)", field="model")
+        return self
+
+
+class RunConfig(Record):
     """A validated experiment. `doc` is the resolved document (topology inline, overrides applied)."""
 
     name: str
@@ -261,19 +283,12 @@ class RunConfig:
     options: Options
     doc: dict
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _ratios_fit(self) -> "RunConfig":
         ratios = self.options.ratios
         if isinstance(ratios, tuple) and len(ratios) != len(self.topology):
-            raise TpiError(f"{self.source}: options.ratios: {len(ratios)} values for {len(self.topology)} devices")
-        if self.options.single_device and len(self.topology) > 1:  # the first device alone
-            from dataclasses import replace
-
-            first = self.topology.devices[0]
-            own = {lid: link for lid, link in self.topology.links.items() if first.name in lid.split(">")}
-            topo = Topology(devices=(first,), links=own or dict(self.topology.links), paths={},
-                            name=self.topology.name)
-            object.__setattr__(self, "topology", topo)
-            object.__setattr__(self, "options", replace(self.options, ratios="equal"))
+            raise Invalid(f"{len(ratios)} values for {len(self.topology)} devices", field="options.ratios")
+        return self
 
     @property
     def world_size(self) -> int:
@@ -294,79 +309,36 @@ class RunConfig:
         return {
             "name": self.name, "source": self.source,
             "topology": {"name": topo.name, "doc": self.doc["topology"],
-                         "devices": [asdict(d) for d in topo.devices],
-                         "links": {lid: asdict(link) for lid, link in sorted(topo.links.items())}},
-            "model": asdict(self.model),
-            "workload": {**asdict(self.workload), "prompt_lengths": list(self.workload.prompt_lengths)},
-            "options": {**asdict(self.options),
+                         "devices": [d.model_dump() for d in topo.devices],
+                         "links": {lid: link.model_dump() for lid, link in sorted(topo.links.items())}},
+            "model": self.model.model_dump(),
+            "workload": {**self.workload.model_dump(), "prompt_lengths": list(self.workload.prompt_lengths)},
+            "options": {**self.options.model_dump(),
                         "ratios": self.options.ratios if isinstance(self.options.ratios, str)
                         else list(self.options.ratios)},
         }
+
+
+def first_device(topology: Topology) -> Topology:
+    """The one-device modes: the first device alone, with its own links (for the record)."""
+    first = topology.devices[0]
+    own = {lid: link for lid, link in topology.links.items() if first.name in lid.split(">")}
+    return Topology(devices=(first,), links=own or dict(topology.links), paths={}, name=topology.name)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """'links.latency_ms=5ms' -> ('links.latency_ms', '5ms'); the value is read as YAML (5 -> int,
-    [16, 64] -> list, null -> None)."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise TpiError(f"--set {text!r}: expected KEY=VALUE with a dotted KEY, e.g. links.latency_ms=5")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as e:
-        raise TpiError(f"--set {text!r}: value is not valid YAML ({e})") from None
-    return key, parsed
-
-
-def _set(doc: dict, key: str, value: Any) -> None:
-    value = copy.deepcopy(value)  # sweep points share their values: a later `model.layers` must not edit them
+def set_key(doc: dict, key: str, value: Any) -> None:
+    """One override into a run config document: `devices.*` and `links.*` are short for `topology.*`."""
     parts = key.split(".")
     if parts[0] in ("devices", "links"):
         parts = ["topology"] + parts
     if parts[0] not in SECTIONS:
         raise TpiError(f"--set {key}: unknown section {parts[0]!r} "
                        f"(one of {', '.join(SECTIONS)}, or devices/links for the topology)")
-    node: Any = doc
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[:i + 1])
-        if isinstance(node, list):
-            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                raise TpiError(f"--set {key}: {where}: no such list item")
-            node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise TpiError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
-        if node.get(part) is None:
-            node[part] = {}
-        node = node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.lstrip("-").isdigit() or not -len(node) <= int(last) < len(node):
-            raise TpiError(f"--set {key}: no such list item")
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise TpiError(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
-
-
-def _read_yaml(path: Path, what: str) -> Any:
-    import yaml
-
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise TpiError(f"{path}: cannot read {what} ({e.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise TpiError(f"{path}: not valid YAML ({e})") from None
+    apply_dotted(doc, ".".join(parts), value)
 
 
 def resolve_topology_ref(ref: str, base: Path) -> Path:
@@ -382,34 +354,21 @@ def resolve_topology_ref(ref: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def load_run_config(path: str | Path | None, overrides: Sequence[tuple[str, Any]] = (),
-                    doc: Mapping | None = None, source: str | None = None,
-                    base_dir: str | Path | None = None) -> RunConfig:
-    """Read, override, validate. `doc` instead of `path` builds from a mapping (tests, the CLI, the points
-    of an experiment: then `source` names it in errors and relative paths start at `base_dir`)."""
-    from_file = doc is None
-    if from_file:
-        path = Path(path)
-        raw = _read_yaml(path, "run config")
-        source, base = str(path), path.parent
-    else:
-        raw, source = doc, source or "<run config>"
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
+def _resolve(raw: Any, source: str, base: Path, overrides: Sequence[tuple[str, Any]]) -> dict:
+    """The document with its topology read in and the overrides applied (not validated yet)."""
     if not isinstance(raw, Mapping):
         raise TpiError(f"{source}: expected a mapping at the top level")
     doc = copy.deepcopy(dict(raw))
     try:
-        _keys(doc, SECTIONS, "")
         for key, value in overrides:  # a whole new topology first, so overrides can reach into it
             if key == "topology":
                 doc["topology"] = value
-        overrides = [(k, v) for k, v in overrides if k != "topology"]
         topo = doc.get("topology")
         if topo is None:
             raise TpiError("topology: missing (a preset name like klonet, a path, or a mapping)")
         if isinstance(topo, str):
             tpath = resolve_topology_ref(topo, base)
-            loaded = _read_yaml(tpath, "topology file")
+            loaded = read_yaml(tpath, "topology file")
             if not isinstance(loaded, Mapping):
                 raise TpiError(f"topology: {tpath} does not hold a mapping")
             doc["topology"] = dict(loaded)
@@ -417,35 +376,39 @@ def load_run_config(path: str | Path | None, overrides: Sequence[tuple[str, Any]
         elif not isinstance(topo, Mapping):
             raise TpiError(f"topology: expected a preset name, a path or a mapping, got {topo!r}")
         for key, value in overrides:
-            _set(doc, key, value)
-        _keys(doc, SECTIONS, "")  # an override may have added a section
+            if key != "topology":
+                set_key(doc, key, value)
     except TpiError as e:
         raise TpiError(f"{source}: {e}") from None
+    return doc
 
-    name = doc.get("name", Path(source).stem if from_file else "emulate")
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise TpiError(f"{source}: name: expected a plain file name for results/<name>.jsonl, got {name!r}")
-    topology = topology_from_dict(doc["topology"], f"{source}: topology")
-    model = _section(source, "model", doc.get("model"), ModelSpec)
-    workload = _section(source, "workload", doc.get("workload"), Workload)
-    options = _section(source, "options", doc.get("options"), Options)
+
+def load_run_config(path: str | Path | None, overrides: Sequence[tuple[str, Any]] = (),
+                    doc: Mapping | None = None, source: str | None = None,
+                    base_dir: str | Path | None = None) -> RunConfig:
+    """Read, override, validate. `doc` instead of `path` builds from a mapping (tests, the CLI, the points
+    of an experiment: then `source` names it in errors and relative paths start at `base_dir`)."""
+    if doc is None:
+        path = Path(path)
+        raw, source, base = read_yaml(path, "run config"), str(path), path.parent
+        default_name = path.stem
+    else:
+        raw, source = doc, source or "<run config>"
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        default_name = "emulate"
+    resolved = _resolve(raw, source, base, overrides)
+    parsed = load(RunConfigDoc, {"name": default_name, **resolved}, source)
+    topology = topology_from_dict(resolved["topology"], f"{source}: topology")
+    model, options = parsed.model, parsed.options
     if model.path is not None and not Path(model.path).expanduser().is_absolute():  # relative to the file
         model = ModelSpec(path=str((base / Path(model.path).expanduser()).resolve()))
-    return RunConfig(name=name, source=source, topology=topology, model=model, workload=workload,
-                     options=options, doc=doc)
+    if options.single_device and len(topology) > 1:  # the first device alone
+        topology, options = first_device(topology), options.replace(ratios="equal")
+    return load(RunConfig, dict(name=parsed.name, source=source, topology=topology, model=model,
+                                workload=parsed.workload, options=options, doc=resolved), source)
 
 
-def _section(source: str, where: str, doc: Any, cls):
-    from dataclasses import fields
-
-    allowed = [f.name for f in fields(cls)]
-    try:
-        d = _keys(doc, allowed, where)
-    except TpiError as e:
-        raise TpiError(f"{source}: {e}") from None
-    if where == "model" and not d:
-        raise TpiError(f"{source}: model: missing (synth: PRESET or path: DIR)")
-    try:
-        return cls(**d)
-    except TpiError as e:
-        raise TpiError(f"{source}: {where}.{e}") from None
+def resolved_doc(doc: Mapping, overrides: Sequence[tuple[str, Any]]) -> dict:
+    """A run config document with overrides applied as load_run_config would, validated (for an
+    experiment's `set:`, `smoke.base` and command-line --set on its base)."""
+    return load_run_config(None, overrides, doc=doc).doc

@@ -13,6 +13,8 @@ Three tools, weakest assumptions first:
   cpu.max / cpu.cfs_quota_us), only under a cgroup directory the caller owns and passes in
   (`--cgroup-root DIR`). We create one child group per device, move the pid in, and always remove the
   child group on exit. Nothing is ever created anywhere else.
+
+Layer: host. Must not import emulator.results, run or figures.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from threadpoolctl import threadpool_limits
 
 from tpicore.errors import TpiError
 
@@ -51,8 +56,7 @@ def apply_cores(n: int, first: int = 0) -> list[int]:
     n BLAS threads. Returns the cores it is pinned to.
 
     Call it first thing in the device process. If NumPy is already imported the env vars come too late
-    for its BLAS pool; then threadpoolctl (used when installed, not a dependency) resizes the pool, and
-    without it a warning is logged.
+    for its BLAS pool; then threadpoolctl resizes the pool.
     """
     if n < 1:
         raise TpiError(f"cores: must be >= 1, got {n}")
@@ -60,16 +64,8 @@ def apply_cores(n: int, first: int = 0) -> list[int]:
     available = sorted(os.sched_getaffinity(0))
     chosen = sorted(available[(first + k) % len(available)] for k in range(min(n, len(available))))
     os.sched_setaffinity(0, chosen)
-    import sys
-
     if "numpy" in sys.modules:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            log.warning("apply_cores(%d) called after numpy was imported and threadpoolctl is not installed: "
-                        "the BLAS thread pool keeps its size", n)
-        else:
-            threadpool_limits(limits=n)
+        threadpool_limits(limits=n)
     return chosen
 
 

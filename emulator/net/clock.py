@@ -2,9 +2,10 @@
 
 Eight emulated devices on a 2-core host cannot all compute in real time, so two clocks exist:
 
-- `WallClock`: now = time.perf_counter() (CLOCK_MONOTONIC, the same clock in every process on the host).
-  Time spent computing is whatever the host gives; `wait_until(t)` really waits. Honest when the host
-  has at least as many free cores as devices compute at once.
+- `WallClock` (tpicore.runtime.env's, the one wall clock; imported here for the emulator's modules):
+  now = time.perf_counter() (CLOCK_MONOTONIC, the same clock in every process on the host). Time spent
+  computing is whatever the host gives; `wait_until(t)` really waits. Honest when the host has at
+  least as many free cores as devices compute at once.
 - `VirtualClock(speed)`: each device keeps its own virtual time, starting at 0.
     * `with clock.compute():` adds the CPU time this thread spent inside (time.thread_time()) divided
       by the device's speed -- waiting for a core on a crowded host costs nothing;
@@ -31,58 +32,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from tpicore.errors import TpiError
-
-# Sleeping overshoots by ~0.1 ms (p99 ~0.2 ms) on this host: sleep until this much before a deadline,
-# then spin the rest (lands within ~1 us).
-SPIN_S = 0.0002
-
-
-class WallClock:
-    """Real time on the host's shared monotonic clock.
-
-    spin_s: how long before a deadline to stop sleeping and spin. Spinning lands within ~1 us but
-    burns a core; with more waiting processes than cores, spinners starve each other (and everything
-    else) for milliseconds -- then pass spin_s=0: plain sleep, ~0.1 ms late on average.
-    """
-
-    virtual = False
-
-    def __init__(self, spin_s: float = SPIN_S) -> None:
-        self.spin_s = spin_s
-
-    def now(self) -> float:
-        return time.perf_counter()
-
-    @contextmanager
-    def compute(self) -> Iterator[None]:
-        yield  # real time passes by itself
-
-    # the engine's form of compute(): tpicore.engine.Device brackets each block (and pauses around
-    # every allreduce inside it) with these
-    def begin_compute(self) -> None:
-        pass
-
-    def end_compute(self) -> None:
-        pass
-
-    def advance(self, dt: float) -> None:
-        """A modelled wait (e.g. a disk load) in wall mode really waits."""
-        if dt > 0:
-            self.wait_until(time.perf_counter() + dt)
-
-    def advance_to(self, t: float) -> None:
-        self.wait_until(t)
-
-    def wait_until(self, deadline: float) -> None:
-        """Return at `deadline` (perf_counter seconds): one sleep to just before it, then spin. Never
-        a chain of short sleeps, whose overshoots would add up."""
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0:
-            return
-        if remaining > self.spin_s:
-            time.sleep(remaining - self.spin_s)
-        while time.perf_counter() < deadline:
-            pass
+from tpicore.runtime.env import SPIN_S, WallClock  # noqa: F401  (the one wall clock; importers use this module)
 
 
 class VirtualClock:

@@ -1,222 +1,75 @@
-"""User-space link shaping (netem/tbf in user space), driven by deadlines.
+"""User-space link shaping (netem/tbf in user space), driven by deadlines: the transport's link hook.
+
+Owns `LinkShaper`, the hook one device process plugs into its group (tpicore.comm.channel.LinkHook):
+when a frame may be seen by its receiver, from the emulated links it crosses. Must not touch sockets;
+the link arithmetic is links.py's, the shared state schedule.py's, the virtual-time ordering causal.py's.
 
 The transport moves bytes over TCP loopback as fast as the host can; the shaper decides *when* each
-message may be seen by the receiver, from the emulated links it crosses, and the receiver waits for that
-deadline. Nothing is ever delayed by a chain of sleeps, so sleep granularity does not accumulate.
+message may be seen by the receiver, and the receiver waits for that deadline. Nothing is ever delayed by
+a chain of sleeps, so sleep granularity does not accumulate.
 
-    sender process (rank s)                                         receiver process (rank d)
-    -----------------------                                         -------------------------
-    transport.send(frame)                                           transport.recv()
-      |                                                                 ^
-      |  t_send    = hook.now()                                         |  hook.on_recv(s, d, n,
-      |  t_deliver = hook.on_send(s, d, n)                              |      t_send, t_deliver)
-      |     for each link on route(s, d), in order:                     |    wall:    sleep to deadline
-      |       reserve the link's earliest free slot  <-- shared -->     |             - 0.2 ms, then spin
-      |       (serialisation n*8/bandwidth), add latency (+jitter,     |    virtual: clock.advance_to(
-      |       + one RTO if a packet is lost)           LinkSchedule     |             t_deliver)
-      v                                               (/dev/shm, flock) |
-    [header: t_send, t_deliver][payload] ====== TCP loopback =====> recv_exact ------+
+    sender process (rank s)                                     receiver process (rank d)
+    -----------------------                                     -------------------------
+    channel.send_array(frame)                                   channel.recv_into(out)
+      | t_send = hook.now()                                       | hook.on_wait(s, d)   (about to block)
+      | hook.on_send(s, d, n)                                     | ... frame arrives over TCP ...
+      |   wall:    book every hop now --> t_deliver (stamped)     | hook.on_recv(s, d, n, t_send, t_deliver)
+      |   virtual: register the message, unbooked                 |   wall:    sleep to the stamped deadline
+      v               \\                                          |   virtual: wait until the resolver has
+    [stamps][payload]  \\--> LinkSchedule (/dev/shm, flock) <-----|            booked it (causal.py), then
+        ===== TCP loopback =====>                                 |            clock.advance_to(t_deliver)
 
-Link model, per hop of the route (link: latency L, bandwidth B, packet size p = min(1500 B, n)):
-    start   = earliest time >= head at which the link is free for the whole transmission
-    finish  = max(start + n/B, tail + p/B)     the last packet cannot leave before it has arrived
-    head    = start + p/B + L                  first packet at the next hop (packets pipeline)
-    tail    = finish + L                       last byte at the next hop
-    deliver = tail after the last hop
-For one hop this is the textbook start = max(t, free_at); free_at = start + n/B; t = free_at + L. With
-p = n (`packet_bytes=None`) it is store-and-forward at every hop; the default pipelines 1500-byte
-packets across hops, as routers do, so a message crossing 4 equal links costs ~1 serialisation, not 4.
+Wall clock: times are perf_counter seconds, shared by all processes on the host; a message is booked
+when it is sent (real time is causal by itself) and on_recv really waits. Virtual clock: times are the
+device's virtual seconds; messages are booked by the causal resolver in virtual-time order (so identical
+runs give identical times, and a message is never queued behind one sent later in virtual time), and
+on_recv only advances the receiver's clock. Virtual mode needs the transport's on_wait call (a device
+blocked in a receive sends nothing until it returns) and one communicating thread per device.
 
-Shared links: every link's reservations live in one LinkSchedule (a float64 array in a file on /dev/shm,
-mapped by every device process, one flock around each route's reservation). A link shared by several
-senders -- the master's downlink in a star -- therefore queues them, FIFO by reservation. Reservations
-are intervals rather than one "free at" time so that a sender whose clock is behind (virtual mode, or a
-late wall-clock call) fits into an earlier gap instead of queueing behind a reservation made for the
-future; the last SLOTS reservations per link are kept.
-
-Jitter: each hop adds a uniform sample in [-jitter, +jitter] (netem's default), clamped so the hop's
-delay stays >= 0. TCP keeps order, so a message never overtakes an earlier one on the same stream.
-Loss: not a drop (TCP would retransmit anyway) but a retransmission delay: on each hop, with probability
-1 - (1 - loss)^packets, the message is late by one RTO = max(200 ms, 2 x the route's RTT) -- Linux's
-minimum RTO. Allreduce messages are too small for fast retransmit (3 duplicate ACKs), so they do wait
-the RTO; for bulk transfers this is pessimistic. The retransmission does not occupy the link again.
-
-Bandwidth is goodput (no TCP/IP header overhead). Ideal routes (all links zero latency, unlimited, no
-jitter or loss) skip the schedule entirely: on_send returns now() and on_recv returns at once.
-
-Modes: the shaper's `clock` decides. WallClock: times are perf_counter seconds, shared by all processes
-on the host, and on_recv really waits. VirtualClock: times are the device's virtual seconds, the
-schedule holds virtual times, and on_recv only advances the receiver's clock (see clock.py).
+Bandwidth is goodput (no TCP/IP header overhead); the token bucket holds BURST_BYTES (links.py). Ideal
+routes (all links zero latency, unlimited, no jitter or loss) cost nothing in wall mode (no lock).
 """
 
 from __future__ import annotations
 
-import fcntl
-import mmap
 import os
-import random
-import tempfile
 import threading
 import time
 import weakref
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple
 
-from emulator.net.clock import WallClock
 from emulator.config.topology import Topology
+from emulator.net.causal import Resolver
+from emulator.net.clock import WallClock
+from emulator.net.links import (
+    BURST_BYTES,
+    PACKET_BYTES,
+    RTO_MIN_S,
+    Routes,
+    message_rng,
+    needs_draws,
+)
+from emulator.net.schedule import RUNNING, WAITING, WAKE_POLL_S, LinkSchedule
 from tpicore.errors import TpiError
 
-SLOTS = 16  # reservations remembered per link; more than the messages one link has in flight at once
-PACKET_BYTES = 1500
-RTO_MIN_S = 0.2
 LATE_S = 0.001  # a wall-mode message seen this long after its deadline counts as late (host too slow)
-
-
-class LinkSchedule:
-    """Busy intervals of every link, shared by all device processes: row i holds link i's last SLOTS
-    reservations as (start, end) pairs, the index of the next slot to overwrite, and the latest end
-    (so an idle link is recognised without reading its row).
-
-    Create it in the parent before starting devices; children get it by fork, or by pickling (it
-    pickles as its file path and re-attaches), or by `LinkSchedule.attach(path, n_links)` from a
-    process started any other way. The creator removes the file on close().
-    """
-
-    def __init__(self, path: str, n_links: int, slots: int = SLOTS, owner: bool = False) -> None:
-        self.path, self.n_links, self.slots, self.owner = path, n_links, slots, owner
-        self._row = 2 * slots + 2
-        size = max(8, 8 * n_links * self._row)
-        fd = os.open(path, os.O_RDWR)
-        try:
-            if os.fstat(fd).st_size < size:
-                raise TpiError(f"link schedule {path}: file too small for {n_links} links")
-            self._mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self._view = memoryview(self._mm).cast("d")
-        self._open_lock()
-        # the creator removes the file on close(), or at the latest when it exits or drops the object
-        self._unlink = weakref.finalize(self, _unlink_in, path, os.getpid()) if owner else None
-
-    def _open_lock(self) -> None:
-        # flock belongs to an open file description: after fork the child must open its own, or parent
-        # and child would both "hold" it. The thread lock covers threads of one process (same fd).
-        self._pid = os.getpid()
-        self._lock_fd = os.open(self.path, os.O_RDWR)
-        self._tlock = threading.Lock()
-
-    @classmethod
-    def create(cls, n_links: int, slots: int = SLOTS) -> "LinkSchedule":
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, path = tempfile.mkstemp(prefix="tpi-links-", dir=shm)
-        try:
-            os.ftruncate(fd, max(8, 8 * n_links * (2 * slots + 2)))  # zero-filled: no reservations
-        finally:
-            os.close(fd)
-        return cls(path, n_links, slots, owner=True)
-
-    @classmethod
-    def attach(cls, path: str, n_links: int, slots: int = SLOTS) -> "LinkSchedule":
-        return cls(path, n_links, slots, owner=False)
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "n_links": self.n_links, "slots": self.slots}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["n_links"], state["slots"], owner=False)
-
-    @contextmanager
-    def locked(self) -> Iterator[memoryview]:
-        """Exclusive access to the float64 array across processes and threads."""
-        if os.getpid() != self._pid:
-            os.close(self._lock_fd)
-            self._open_lock()
-        with self._tlock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield self._view
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def reset(self) -> None:
-        """Forget all reservations (between runs that reuse the schedule)."""
-        with self.locked() as v:
-            for i in range(len(v)):
-                v[i] = 0.0
-
-    def reserve(self, view: memoryview, link: int, earliest: float, size_s: float,
-                min_finish: float) -> tuple[float, float]:
-        """Book `link` for a transmission of `size_s` seconds that cannot end before `min_finish`:
-        the earliest start >= `earliest` whose interval [start, max(start + size_s, min_finish)]
-        overlaps no reservation. Records it; returns (start, finish). Call inside locked()."""
-        base = link * self._row
-        n2 = 2 * self.slots
-        start = earliest
-        if view[base + n2 + 1] > earliest:  # some reservation still runs at `earliest` (else: link idle)
-            row = view[base:base + n2].tolist()
-            busy = sorted((row[k], row[k + 1]) for k in range(0, n2, 2)
-                          if row[k + 1] > earliest and row[k + 1] > row[k])
-            for a, b in busy:
-                if b <= start:
-                    continue
-                if max(start + size_s, min_finish) <= a:
-                    break
-                start = max(start, b)
-        finish = max(start + size_s, min_finish)
-        nxt = int(view[base + n2])
-        view[base + 2 * nxt] = start
-        view[base + 2 * nxt + 1] = finish
-        view[base + n2] = (nxt + 1) % self.slots
-        if finish > view[base + n2 + 1]:
-            view[base + n2 + 1] = finish
-        return start, finish
-
-    def close(self) -> None:
-        if getattr(self, "_view", None) is None:
-            return
-        self._view.release()
-        self._view = None
-        self._mm.close()
-        if self._pid == os.getpid():
-            os.close(self._lock_fd)
-        if self._unlink is not None:
-            self._unlink()
-
-    def __enter__(self) -> "LinkSchedule":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _unlink_in(path: str, creator_pid: int) -> None:
-    """Remove the schedule's file, but only from the process that created it (not forked children)."""
-    if os.getpid() == creator_pid:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
-class _Hop(NamedTuple):
-    index: int  # row in the LinkSchedule
-    s_per_byte: float  # 0.0 for unlimited
-    latency_s: float
-    jitter_s: float
-    loss: float
+RESOLVE_TIMEOUT_S = 300.0  # virtual mode: the longest a received frame may wait for its booking
 
 
 class LinkShaper:
-    """The transport's link hook for one device process (see the module docstring for the model).
+    """The transport's link hook for one device process (see the module docstring).
 
-    topology: the emulated network; rank r is topology.devices[r].
-    schedule: the LinkSchedule shared by all devices, with len(topology.links) links.
-    clock:    WallClock() (default) or the device's VirtualClock.
-    seed:     jitter/loss samples come from random.Random(seed, rank): repeatable runs.
+    topology:    the emulated network; rank r is topology.devices[r].
+    schedule:    the LinkSchedule shared by all devices, with len(topology.links) links.
+    clock:       WallClock() (default) or the device's VirtualClock.
+    seed:        jitter/loss draws depend on (seed, src, dst, message number): repeatable runs.
+    burst_bytes: token bucket depth (links.py); 0 charges every byte at the link rate.
+    timeout_s:   virtual mode: give up (TpiError naming who holds it back) if a received frame is not
+                 booked within this many seconds of host time.
     """
 
     def __init__(self, topology: Topology, schedule: LinkSchedule, rank: int, clock=None, seed: int = 0,
-                 packet_bytes: int | None = PACKET_BYTES, rto_min_s: float = RTO_MIN_S) -> None:
+                 packet_bytes: int | None = PACKET_BYTES, rto_min_s: float = RTO_MIN_S,
+                 burst_bytes: int = BURST_BYTES, timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
         if schedule.n_links != len(topology.links):
             raise TpiError(f"link schedule has {schedule.n_links} links, topology {topology.name!r} "
                            f"has {len(topology.links)}")
@@ -224,69 +77,158 @@ class LinkShaper:
             raise TpiError(f"rank: must be in [0, {len(topology)}), got {rank}")
         self.topology, self.schedule, self.rank = topology, schedule, rank
         self.clock = clock if clock is not None else WallClock()
-        self.packet_bytes = packet_bytes
-        self.rto_min_s = rto_min_s
-        self._rng = random.Random(f"{seed}:{rank}")
-        # Same order in every process: link ids sorted.
-        self._index = {lid: i for i, lid in enumerate(sorted(topology.links))}
-        self._routes: dict[tuple[int, int], tuple[_Hop, ...] | None] = {}
+        self.virtual = bool(self.clock.virtual)
+        self.seed, self.timeout_s = seed, timeout_s
+        self.routes = Routes(topology, packet_bytes, burst_bytes, rto_min_s)
         self.sent = self.received = self.late = 0
         self.max_late_s = 0.0
-
-    def _route(self, src: int, dst: int) -> tuple[_Hop, ...] | None:
-        """The hops of route src -> dst, or None when every link on it is ideal."""
-        key = (src, dst)
-        if key not in self._routes:
-            ids = self.topology.route(src, dst)
-            links = [self.topology.links[lid] for lid in ids]
-            hops = tuple(_Hop(self._index[lid], 1.0 / link.bytes_per_s, link.latency_ms / 1e3,
-                              link.jitter_ms / 1e3, link.loss) for lid, link in zip(ids, links))
-            self._routes[key] = None if all(link.is_ideal for link in links) else hops
-        return self._routes[key]
+        self.last_delivery_s = 0.0  # the delivery time of the last frame received (for reports and tests)
+        self._seq: dict[tuple[int, int], int] = {}  # wall mode: messages sent per pair (for the draws)
+        self._user: int | None = None  # virtual mode: the thread inside the hook
+        self._waiting: tuple[int, float] | None = None  # virtual mode: what on_wait last published (src, now)
+        self._wake_fd: int | None = None
+        self._resolver = Resolver(schedule, self.routes) if self.virtual else None
+        self._closer = None
+        if self._resolver is not None:
+            with schedule.locked():
+                self._resolver.attach(rank, self.clock.now())
+            self._closer = weakref.finalize(self, _detach, self._resolver, rank, os.getpid(), [None])
 
     def now(self) -> float:
         return self.clock.now()
 
+    # -- the hook ------------------------------------------------------------------------------------------
     def on_send(self, src_rank: int, dst_rank: int, nbytes: int) -> float:
-        """Reserve the route for a message of nbytes sent now; return its delivery deadline."""
+        """Wall: book the route for a message of nbytes sent now; return its delivery deadline.
+        Virtual: register it for the resolver; return the send time (the stamp is not used)."""
         self.sent += 1
         t = self.clock.now()
-        hops = self._route(src_rank, dst_rank)
+        if self.virtual:
+            with self._one_thread():
+                with self.schedule.locked():
+                    self._resolver.publish(src_rank, RUNNING, t)
+                    self._resolver.register(src_rank, dst_rank, nbytes, t, self.seed)
+                    woken = self._resolver.run()
+                self._wake(woken)
+            return t
+        hops = self.routes.hops(src_rank, dst_rank)
         if hops is None:
             return t
-        p = nbytes if self.packet_bytes is None else min(self.packet_bytes, nbytes)
-        n_packets = 1 if self.packet_bytes is None else max(1, -(-nbytes // self.packet_bytes))
-        head = tail = t
-        reserve = self.schedule.reserve
-        with self.schedule.locked() as view:
-            for hop in hops:
-                if hop.s_per_byte:
-                    packet_s = p * hop.s_per_byte
-                    # the last packet leaves no earlier than it arrived from the previous hop
-                    start, tail = reserve(view, hop.index, head, nbytes * hop.s_per_byte, tail + packet_s)
-                    head = start + packet_s
-                delay = hop.latency_s
-                if hop.jitter_s:
-                    delay = max(0.0, delay + self._rng.uniform(-hop.jitter_s, hop.jitter_s))
-                head, tail = head + delay, tail + delay
-                if hop.loss and self._rng.random() < 1.0 - (1.0 - hop.loss) ** n_packets:
-                    tail += self._rto_s(hops)
-        return tail
+        seq = self._seq.get((src_rank, dst_rank), 0)
+        self._seq[src_rank, dst_rank] = seq + 1
+        rng = message_rng(self.seed, src_rank, dst_rank, seq) if needs_draws(hops) else None
+        with self.schedule.locked():
+            return self.routes.cross(self.schedule, hops, t, nbytes, rng, virtual=False)
 
-    def _rto_s(self, hops: tuple[_Hop, ...]) -> float:
-        rtt = 2.0 * sum(h.latency_s for h in hops)
-        return max(self.rto_min_s, 2.0 * rtt)
+    def on_wait(self, src_rank: int, dst_rank: int) -> None:
+        """The transport is about to block for a frame from src_rank: until it arrives this device sends
+        nothing, which lets the resolver book other devices' messages (virtual mode; wall: nothing)."""
+        if not self.virtual:
+            return
+        with self._one_thread():
+            now = self.clock.now()
+            with self.schedule.locked():
+                self._resolver.publish(dst_rank, WAITING, now, src_rank)
+                woken = self._resolver.run()
+            self._waiting = (src_rank, now)
+            self._wake(woken)
 
     def on_recv(self, src_rank: int, dst_rank: int, nbytes: int, t_send: float, t_deliver: float) -> None:
         """Hold the received message until its deadline (wall) or move the clock to it (virtual)."""
         self.received += 1
-        if not self.clock.virtual and t_deliver > t_send:
+        if self.virtual:
+            with self._one_thread():
+                self._await_booking(src_rank, dst_rank)
+            return
+        self.last_delivery_s = t_deliver
+        if t_deliver > t_send:
             late = time.perf_counter() - t_deliver
             if late > LATE_S:
                 self.late += 1
                 self.max_late_s = max(self.max_late_s, late)
         self.clock.wait_until(t_deliver)
 
+    def _await_booking(self, src: int, dst: int) -> None:
+        res, sch = self._resolver, self.schedule
+        if self._wake_fd is None:
+            self._wake_fd = sch.doorbells.reader(dst)
+            self._closer.detach()
+            self._closer = weakref.finalize(self, _detach, res, dst, os.getpid(), [self._wake_fd])
+        deadline = time.monotonic() + self.timeout_s
+        polled = False
+        rerun = self._waiting != (src, self.clock.now())  # on_wait already published this and booked what it could
+        while True:
+            with sch.locked():
+                if not res.registered(src, dst):
+                    raise TpiError(f"virtual clock: a frame from rank {src} to rank {dst} was not registered with "
+                                   f"the link schedule (the sender's link hook is not a virtual-clock LinkShaper "
+                                   f"on the same schedule)")
+                woken: set[int] = set()
+                if rerun or polled:  # a poll that timed out: maybe a device process died and woke nobody
+                    res.publish(dst, WAITING, self.clock.now(), src)
+                    woken = res.run(check_liveness=polled)
+                t = res.take(src, dst)
+                if t is not None:
+                    self.last_delivery_s = t
+                    self.clock.advance_to(t)
+                    res.publish(dst, RUNNING, self.clock.now())
+                    woken |= res.run()
+                elif time.monotonic() > deadline:
+                    held = res.describe(sorted(set(self.routes.senders(src, dst)) | {src}))
+                    raise TpiError(f"virtual clock: the frame from rank {src} to rank {dst} was not booked within "
+                                   f"{self.timeout_s:.0f} s; the ranks that could still send before it: {held}")
+            self._wake(woken)
+            if t is not None:
+                self._waiting = None
+                return
+            polled = not sch.doorbells.wait(self._wake_fd, WAKE_POLL_S)
+
+    def _wake(self, ranks: set[int]) -> None:
+        if ranks:
+            self.schedule.doorbells.ring(ranks)
+
+    def _one_thread(self):
+        return _OneThread(self)
+
+    # -- reports and shutdown ------------------------------------------------------------------------------
     def stats(self) -> dict:
-        return {"sent": self.sent, "received": self.received, "late": self.late,
-                "max_late_ms": self.max_late_s * 1e3}
+        out = {"sent": self.sent, "received": self.received, "late": self.late, "max_late_ms": self.max_late_s * 1e3}
+        if self.virtual:
+            c = self.schedule.counters()
+            out.update(forced=c["forced"], violations=c["violations"])
+        return out
+
+    def close(self) -> None:
+        """This device sends nothing more through this shaper (virtual mode: others stop waiting for it)."""
+        if self._closer is not None:
+            self._closer()
+
+
+class _OneThread:
+    """Virtual mode: the hook's bookkeeping assumes one communicating thread per device."""
+
+    def __init__(self, shaper: LinkShaper) -> None:
+        self.shaper = shaper
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        if self.shaper._user not in (None, me):
+            raise TpiError("virtual clock: two threads of one device use the link hook at once (one "
+                           "communicating thread per device)")
+        self.shaper._user = me
+
+    def __exit__(self, *exc) -> None:
+        self.shaper._user = None
+
+
+def _detach(resolver: Resolver, rank: int, pid: int, fds: list[int | None]) -> None:
+    """The shaper is gone (closed or collected): one fewer live shaper for its rank."""
+    if os.getpid() != pid or resolver.schedule.closed:
+        return
+    with resolver.schedule.locked():
+        resolver.detach(rank)
+        woken = resolver.run()
+    resolver.schedule.doorbells.ring(woken)
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)

@@ -1,9 +1,9 @@
 """Fig. 3 of the paper: the latency of one 4-byte allreduce against the per-link latency tau, for the
 star, tree and ring algorithms, over the emulated Klonet testbed (8 devices, 4 links between any two).
 
-    configs/experiments/fig3_allreduce.yaml   (runner: allreduce; see load_sweep for the keys)
+    configs/experiments/fig3_allreduce.yaml   (runner: allreduce; see SweepFile for the keys)
       | per clock (virtual: every tau; wall: the few taus under `wall:`), fork one process per device
-      | (tpicore.comm.run_local_processes: TCP loopback), one shared LinkSchedule, a LinkShaper per tau:
+      | (tpicore.comm.local.run_local_processes: TCP loopback), one shared LinkSchedule, a LinkShaper per tau:
       |   for tau, for algo, for rep:  every rank starts at the same time t0
       |                                  virtual: t0 = its own 10 s slot of virtual time, so trials never
       |                                           share a link reservation and nothing sleeps
@@ -11,7 +11,7 @@ star, tree and ring algorithms, over the emulated Klonet testbed (8 devices, 4 l
       |                                allreduce(ones(1, float32), algo); end = the rank's clock
       |   latency of a trial = max over ranks (end - t0): done when the last rank has the sum
       v
-    results/fig3_allreduce.jsonl: one line per (clock, algo, tau); emulator/plot.py draws Fig. 3 from it
+    results/fig3_allreduce.jsonl: one line per (clock, algo, tau); emulator/figures/ draws Fig. 3 from it
 
 The paper's model counts link traversals on the critical path, tau each: star 2 hops x 4 links = 8 tau,
 tree of depth 2 = 16 tau, ring 2 (N-1) = 14 hops = 56 tau. `model_s` in a line is the same count for the
@@ -19,90 +19,124 @@ run's N and topology (hops(algo, N) x links per route x tau); at N = 8 on klonet
 Virtual mode measures exactly that plus the serialisation of 60-byte frames (4 B payload + 56 B header)
 at the link rate; wall mode adds what this host costs (8 processes on 2 cores wake one after another).
 
-Results line (the common fields of emulator/report.py where they apply):
+Results line (the common fields of emulator/results/record.py where they apply):
     experiment, runner ("allreduce"), sweep (one id per invocation), time, error, wall_s
     point        {algo, tau_ms, clock, devices}
     config       name, source, description, topology (name, preset, devices, links as run), payload_bytes,
                  repetitions, clock, host
     latencies_s  one per trial; latency_median_s, latency_p99_s, latency_min_s
     model_s      hops x links_per_route x tau; hops, links_per_route; paper_model_s (8/16/56 tau, N = 8 only)
+
+Layer: run. The hop model is emulator/config/collective_model.py's; figures are drawn by the caller.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable, Mapping, Sequence
 
-from emulator.results.report import append_jsonl, host_info, utc_now
-from emulator.config.run_config import ROOT, resolve_topology_ref
+import numpy as np
+from pydantic import model_validator
+
+from emulator.config.collective_model import ALGOS
+from emulator.config.run_config import CLOCKS, ROOT, resolve_topology_ref
+from emulator.config.topology import Topology, load_topology
+from emulator.net.clock import SPIN_S, VirtualClock, WallClock
+from emulator.net.shaper import LinkSchedule, LinkShaper
+from emulator.results.provenance import host_info, utc_now
+from emulator.results.record import AllreducePoint, AllreduceRecord, append_record
+from tpicore.comm.channel import DEFAULT_TIMEOUT_S
+from tpicore.comm.collectives import allreduce, broadcast
+from tpicore.comm.group import Group
+from tpicore.comm.local import run_local_processes
 from tpicore.errors import TpiError
+from tpicore.schema import (
+    Choice,
+    Int,
+    Invalid,
+    Number,
+    OptInt,
+    Record,
+    check,
+    load,
+    read_yaml,
+)
+from tpicore.units import parse_mbps
 
 DEFAULT_CONFIG = ROOT / "configs" / "experiments" / "fig3_allreduce.yaml"
 DEFAULT_RESULTS = ROOT / "results"
-ALGOS = ("star", "tree", "ring")
-PAPER_TAU = {"star": 8, "tree": 16, "ring": 56}  # the paper's Fig. 3 model, 8 devices on Klonet
 SLOT_S = 10.0  # virtual seconds between trials: far more than one allreduce at tau = 10 ms (0.56 s)
-SWEEP_KEYS = {"name", "runner", "description", "topology", "devices", "bandwidth_mbps", "payload_bytes", "algos",
-              "tau_ms", "repetitions", "clock", "wall", "timeout_s",
-              "paper", "estimate_s"}  # read by emulator/experiments.py, not here
+Draw = Callable[[Sequence[str], Path], int]  # (experiment names, results folder) -> exit code (0: drawn)
 
 
-@dataclass(frozen=True)
-class Sweep:
+def _taus(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise Invalid(f"expected a list of milliseconds, got {value!r}")
+    for t in value:
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0):
+            raise Invalid(f"expected numbers of milliseconds >= 0, got {t!r}")
+    return tuple(float(t) for t in value)
+
+
+def _algos(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise Invalid(f"expected a list of {', '.join(ALGOS)}, got {value!r}")
+    for a in value:
+        if a not in ALGOS:
+            raise Invalid(f"expected some of {', '.join(ALGOS)}, got {a!r}")
+    return tuple(value)
+
+
+def _payload(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 4:
+        raise Invalid(f"must be a whole number of float32s (a multiple of 4 bytes, >= 4), got {value!r}")
+    return value
+
+
+def _bandwidth(value: Any) -> float | str | None:
+    return value if value == "topology" else parse_mbps(value, "")
+
+
+Taus = Annotated[tuple[float, ...], check(_taus)]
+Bandwidth = Annotated[float | str | None, check(_bandwidth)]
+
+
+class Sweep(Record):
     """One Fig. 3 sweep, validated. `wall_tau_ms` are re-measured in wall mode (real sleeps)."""
 
     name: str = "fig3_allreduce"
     source: str = "<defaults>"
     description: str = ""
-    topology: str = "klonet"
-    devices: int | None = None  # None: the topology's own count
-    bandwidth_mbps: float | str | None = "topology"  # "topology": keep the preset's
-    payload_bytes: int = 4
-    algos: tuple[str, ...] = ALGOS
-    tau_ms: tuple[float, ...] = tuple(float(t) for t in range(11))
-    repetitions: int = 3
-    clock: str = "virtual"
-    wall_tau_ms: tuple[float, ...] = ()
-    wall_repetitions: int = 5
-    timeout_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        for a in self.algos:
-            if a not in ALGOS:
-                raise TpiError(f"{self.source}: algos: expected some of {', '.join(ALGOS)}, got {a!r}")
-        for key in ("tau_ms", "wall_tau_ms"):
-            for t in getattr(self, key):
-                if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0):
-                    raise TpiError(f"{self.source}: {key}: expected numbers of milliseconds >= 0, got {t!r}")
-        if self.clock not in ("virtual", "wall"):
-            raise TpiError(f"{self.source}: clock: expected virtual or wall, got {self.clock!r}")
-        for key in ("repetitions", "wall_repetitions", "payload_bytes"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise TpiError(f"{self.source}: {key}: must be an integer >= 1, got {v!r}")
-        if self.payload_bytes % 4:
-            raise TpiError(f"{self.source}: payload_bytes: must be a multiple of 4 (float32), got {self.payload_bytes}")
-        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int)
-                                         or self.devices < 1):
-            raise TpiError(f"{self.source}: devices: must be an integer >= 1, got {self.devices!r}")
+    topology: str = "klonet"  # a preset name or a topology file
+    devices: OptInt(1) = None  # None: the topology's own count
+    bandwidth_mbps: Bandwidth = "topology"  # "topology": keep the preset's; else megabits/s (None: unlimited)
+    payload_bytes: Annotated[int, check(_payload)] = 4
+    algos: Annotated[tuple[str, ...], check(_algos)] = ALGOS
+    tau_ms: Taus = tuple(float(t) for t in range(11))
+    repetitions: Int(1) = 3
+    clock: Choice(*CLOCKS) = "virtual"
+    wall_tau_ms: Taus = ()
+    wall_repetitions: Int(1) = 5
+    timeout_s: Number(gt=0) = DEFAULT_TIMEOUT_S
 
     def smoke(self) -> "Sweep":
         """2 devices, 2 taus, one trial, virtual only: seconds, for tests and CI."""
-        return Sweep(name=self.name, source=self.source + " (smoke)", description=self.description,
-                     topology=self.topology, devices=2, bandwidth_mbps=self.bandwidth_mbps,
-                     payload_bytes=self.payload_bytes, algos=self.algos, tau_ms=(0.0, 2.0), repetitions=1,
-                     clock="virtual", timeout_s=self.timeout_s)
+        return self.replace(source=self.source + " (smoke)", devices=2, tau_ms=(0.0, 2.0), repetitions=1,
+                            clock="virtual", wall_tau_ms=(), wall_repetitions=5)
 
 
-def load_sweep(path: str | Path | None) -> Sweep:
-    """The sweep of an experiment config (configs/experiments/fig3_allreduce.yaml):
+class WallPoints(Record):
+    tau_ms: Taus = ()
+    repetitions: Int(1) = 5
+
+
+class SweepFile(Record):
+    """An experiment file with `runner: allreduce` (configs/experiments/fig3_allreduce.yaml):
 
         name: fig3_allreduce
         runner: allreduce              # what `reproduce` dispatches on: run by this module, not the launcher
@@ -116,72 +150,57 @@ def load_sweep(path: str | Path | None) -> Sweep:
         repetitions: 3                 # trials per point (virtual mode is exact: they agree)
         clock: virtual
         wall: {tau_ms: [1, 5], repetitions: 5}   # optional: a few points again in wall mode
+        paper, estimate_s              # read by emulator/run/experiments.py
     """
-    import yaml
 
+    name: str | None = None
+    runner: Choice("allreduce") = "allreduce"
+    description: Any = None
+    topology: Annotated[str, check(lambda v: v if isinstance(v, str) else _not_a_ref(v))] = "klonet"
+    devices: OptInt(1) = None
+    bandwidth_mbps: Bandwidth = "topology"
+    payload_bytes: Any = 4
+    algos: Any = ALGOS
+    tau_ms: Any = Sweep.model_fields["tau_ms"].default
+    repetitions: Any = 3
+    clock: Any = "virtual"
+    wall: WallPoints = WallPoints()
+    timeout_s: Any = DEFAULT_TIMEOUT_S
+    paper: Any = None
+    estimate_s: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wall_null(cls, doc: Any) -> Any:
+        return {**doc, "wall": doc.get("wall") or {}} if isinstance(doc, Mapping) else doc
+
+
+def _not_a_ref(value: Any) -> str:
+    raise Invalid(f"expected a preset name or a path, got {value!r}")
+
+
+def load_sweep(path: str | Path | None) -> Sweep:
+    """The sweep of an experiment file with `runner: allreduce` (see SweepFile); the defaults without one."""
     if path is None:
         return Sweep()
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise TpiError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise TpiError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(doc, dict):
+    doc = read_yaml(path, "sweep config") or {}
+    if not isinstance(doc, Mapping):
         raise TpiError(f"{path}: expected a mapping at the top level")
-    for k in doc:
-        if k not in SWEEP_KEYS:
-            raise TpiError(f"{path}: {k}: unknown key (allowed: {', '.join(sorted(SWEEP_KEYS))})")
-    if doc.get("runner", "allreduce") != "allreduce":
-        raise TpiError(f"{path}: runner: this file is for runner {doc['runner']!r}, not allreduce")
-    wall = doc.get("wall") or {}
-    if not isinstance(wall, dict) or set(wall) - {"tau_ms", "repetitions"}:
-        raise TpiError(f"{path}: wall: expected a mapping with tau_ms and repetitions, got {wall!r}")
-    topo = doc.get("topology", "klonet")
-    if not isinstance(topo, str):
-        raise TpiError(f"{path}: topology: expected a preset name or a path, got {topo!r}")
-    kw: dict[str, Any] = dict(
-        name=str(doc.get("name", path.stem)), source=str(path), description=str(doc.get("description") or "").strip(),
-        topology=str(resolve_topology_ref(topo, path.parent)), devices=doc.get("devices"),
-        bandwidth_mbps=doc.get("bandwidth_mbps", "topology"), payload_bytes=doc.get("payload_bytes", 4),
-        algos=tuple(doc.get("algos", ALGOS)), tau_ms=tuple(doc.get("tau_ms", Sweep.tau_ms)),
-        repetitions=doc.get("repetitions", 3), clock=doc.get("clock", "virtual"),
-        wall_tau_ms=tuple(wall.get("tau_ms", ())), wall_repetitions=wall.get("repetitions", 5),
-        timeout_s=float(doc.get("timeout_s", 30.0)))
-    return Sweep(**kw)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Hop counts (the critical path of each algorithm in tpicore.comm.collectives)
-
-
-def tree_depth(n: int) -> int:
-    from tpicore.comm.collectives import tree_parent
-
-    depth = 0
-    for r in range(1, n):
-        d, c = 0, r
-        while c:
-            c, d = tree_parent(c), d + 1
-        depth = max(depth, d)
-    return depth
-
-
-def hops(algo: str, n: int) -> int:
-    """Device-to-device messages on the critical path of one allreduce over n devices."""
-    if n <= 1:
-        return 0
-    return {"star": 2, "tree": 2 * tree_depth(n), "ring": 2 * (n - 1)}[algo]
+    f = load(SweepFile, doc, str(path))
+    fields = {k: getattr(f, k) for k in ("devices", "bandwidth_mbps", "payload_bytes", "algos", "tau_ms",
+                                         "repetitions", "clock", "timeout_s")}
+    return load(Sweep, dict(fields, name=f.name or path.stem, source=str(path),
+                            description=str(f.description or "").strip(),
+                            topology=str(resolve_topology_ref(f.topology, path.parent)),
+                            wall_tau_ms=f.wall.tau_ms, wall_repetitions=f.wall.repetitions), str(path))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Measuring
 
 
-def _topologies(sweep: Sweep, taus: list[float]) -> dict[float, Any]:
-    from emulator.config.topology import load_topology
-
+def _topologies(sweep: Sweep, taus: list[float]) -> dict[float, Topology]:
     out = {}
     for tau in taus:
         over: dict[str, Any] = {"links.latency_ms": float(tau)}
@@ -193,26 +212,18 @@ def _topologies(sweep: Sweep, taus: list[float]) -> dict[float, Any]:
     return out
 
 
-def _sync_start(group, lead_s: float) -> float:
+def _sync_start(group: Group, lead_s: float) -> float:
     """A wall-clock start time every rank agrees on, sent unshaped from rank 0 (perf_counter is shared by
     all processes on the host). The wire carries no float64: sent as its int64 bit pattern."""
-    import numpy as np
-
-    from tpicore.comm.collectives import broadcast
-
     t = np.array([time.perf_counter() + lead_s]).view(np.int64) if group.rank == 0 else None
     return float(broadcast(group, t).view(np.float64)[0])
 
 
-def measure(sweep: Sweep, clock: str, topos: dict[float, Any], reps: int) -> dict[tuple[str, float], list[float]]:
+def measure(sweep: Sweep, clock: str, topos: dict[float, Topology], reps: int) -> dict[tuple[str, float], list[float]]:
     """{(algo, tau): [latency of each trial, seconds]} over forked device processes; `topos`: the
     emulated network at each tau (same devices and link ids, only the latency differs)."""
     import numpy as np
 
-    from emulator.net.clock import SPIN_S, VirtualClock, WallClock
-    from emulator.net.shaper import LinkSchedule, LinkShaper
-    from tpicore.comm.collectives import allreduce
-    from tpicore.comm.transport import run_local_processes
 
     n = len(next(iter(topos.values())))
     trials = [(algo, tau) for tau in topos for algo in sweep.algos]
@@ -220,7 +231,7 @@ def measure(sweep: Sweep, clock: str, topos: dict[float, Any], reps: int) -> dic
     spin = SPIN_S if n <= len(os.sched_getaffinity(0)) else 0.0  # spinners starve each other on few cores
     expected = float(n)
 
-    def device(group):
+    def device(group: Group) -> dict[tuple[str, float], list[float]]:
         vclock = VirtualClock(cpu_time=lambda: 0.0)  # no compute here: links only
         wclock = WallClock(spin_s=spin)
         took: dict[tuple[str, float], list[float]] = {}
@@ -257,15 +268,9 @@ def measure(sweep: Sweep, clock: str, topos: dict[float, Any], reps: int) -> dic
     return {key: [max(rank[key][i] for rank in out) for i in range(len(out[0][key]))] for key in trials}
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(np.asarray(xs), q))
-
-
 @dataclass
 class SweepResult:
-    records: list[dict] = field(default_factory=list)
+    records: list[AllreduceRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -301,48 +306,39 @@ def run_sweep(sweep: Sweep, results_dir: str | Path | None = None, quiet: bool =
             config = {
                 "name": sweep.name, "source": sweep.source, "description": sweep.description, "runner": "allreduce",
                 "topology": {"name": topo.name, "preset": sweep.topology,
-                             "devices": [asdict(d) for d in topo.devices],
-                             "links": {lid: asdict(link) for lid, link in sorted(topo.links.items())}},
+                             "devices": [d.model_dump() for d in topo.devices],
+                             "links": {lid: link.model_dump() for lid, link in sorted(topo.links.items())}},
                 "payload_bytes": sweep.payload_bytes, "repetitions": reps, "clock": clock, "host": host,
             }
             for algo in sweep.algos:
-                lat = measured.get((algo, tau))
-                h = hops(algo, n)
-                rec = {
-                    "experiment": sweep.name, "runner": "allreduce", "sweep": sweep_id,
-                    "point": {"algo": algo, "tau_ms": float(tau), "clock": clock, "devices": n},
-                    "config": config, "latencies_s": lat,
-                    "latency_median_s": statistics.median(lat) if lat else None,
-                    "latency_p99_s": _percentile(lat, 99) if lat else None,
-                    "latency_min_s": min(lat) if lat else None,
-                    "model_s": h * per_route * tau / 1e3, "hops": h, "links_per_route": per_route,
-                    "paper_model_s": PAPER_TAU[algo] * tau / 1e3 if n == 8 and per_route == 4 else None,
-                    "error": error, "wall_s": wall_s, "time": utc_now(),
-                }
-                append_jsonl(out_path, rec)
+                rec = AllreduceRecord.measured(
+                    experiment=sweep.name, sweep=sweep_id, point=AllreducePoint(algo, float(tau), clock, n),
+                    config=config, latencies_s=measured.get((algo, tau)), links_per_route=per_route, error=error,
+                    wall_s=wall_s)
+                append_record(out_path, rec)
                 res.records.append(rec)
     return res
 
 
-def summary(records: list[dict]) -> str:
+def summary(records: list[AllreduceRecord]) -> str:
     """Measured median vs the hop model, per point."""
     lines = [f"{'clock':>7} {'algo':>5} {'tau ms':>7} {'measured ms':>12} {'p99 ms':>8} {'model ms':>9} "
              f"{'paper ms':>9}"]
     for r in records:
-        p = r["point"]
+        p = r.point
 
         def ms(x: float | None) -> str:
             return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 1e3:.3f}"
 
-        lines.append(f"{p['clock']:>7} {p['algo']:>5} {p['tau_ms']:>7g} {ms(r['latency_median_s']):>12} "
-                     f"{ms(r['latency_p99_s']):>8} {ms(r['model_s']):>9} {ms(r['paper_model_s']):>9}")
+        lines.append(f"{p.clock:>7} {p.algo:>5} {p.tau_ms:>7g} {ms(r.latency_median_s):>12} "
+                     f"{ms(r.latency_p99_s):>8} {ms(r.model_s):>9} {ms(r.paper_model_s):>9}")
     return "\n".join(lines)
 
 
 def run_config(path: str | Path | None = None, results_dir: str | Path | None = None, smoke: bool = False,
-               quiet: bool = False, plot: bool = True, figures_dir: str | Path | None = None) -> int:
-    """The entry `reproduce` calls for a config with `runner: allreduce`. Exit code: 0 done, 1 a
-    measurement failed (recorded with its error), 2 bad config."""
+               quiet: bool = False, draw: Draw | None = None) -> int:
+    """The entry `reproduce` calls for a config with `runner: allreduce`; `draw` draws its figure after.
+    Exit code: 0 done, 1 a measurement failed (recorded with its error), 2 bad config."""
     try:
         sweep = load_sweep(path if path is not None else DEFAULT_CONFIG)
         if smoke:
@@ -355,28 +351,6 @@ def run_config(path: str | Path | None = None, results_dir: str | Path | None = 
         print(summary(res.records))
     for e in res.errors:
         print(f"error: {e}", file=sys.stderr)
-    if plot:
-        from emulator.figures import plot as plotting
-
-        results = Path(results_dir) if results_dir is not None else DEFAULT_RESULTS
-        plotting.plot_experiments([sweep.name], results, Path(figures_dir) if figures_dir else results / "figures",
-                                  quiet=quiet)
+    if draw is not None:
+        draw([sweep.name], Path(results_dir) if results_dir is not None else DEFAULT_RESULTS)
     return 1 if res.errors else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emulator.allreduce_sweep",
-                                description="Fig. 3: allreduce latency vs per-link latency, star/tree/ring")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep config (default: %(default)s)")
-    p.add_argument("--results", metavar="DIR", help="results folder (default: results/ in the checkout)")
-    p.add_argument("--figures", metavar="DIR", help="figures folder (default: <results>/figures)")
-    p.add_argument("--smoke", action="store_true", help="2 devices, 2 tau values, virtual clock: a few seconds")
-    p.add_argument("--no-plot", action="store_true", help="do not draw the figure after measuring")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    return run_config(args.config, args.results, smoke=args.smoke, quiet=args.quiet, plot=not args.no_plot,
-                      figures_dir=args.figures)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

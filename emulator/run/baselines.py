@@ -8,63 +8,85 @@ the same links (LinkShaper on every message), so the comparison is fair:
     galaxy         all N     resident                         ring allreduce
     pipeline       all N     resident, stage r: its layers    hidden state r -> r+1 -> ... -> master
     standalone     first     resident                         -
-    offload        first     read on demand, blocking         -       (tpicore.offload.OnDemandSource)
-    standalone+ms  first     window (default 2)               -       (tpicore.scheduler.WindowSource)
+    offload        first     read on demand, blocking         -       (tpicore.runtime.ondemand)
+    standalone+ms  first     window (default 2)               -       (tpicore.runtime.window)
 
-The master process (rank 0) drives generation through a *driver*: `step(ids, pos, all_logits)`,
-`collect()` (every rank's report so far: timers, window statistics, trace events, peak RSS; the
-launcher diffs two for one run's split) and `close()`. Workers run `run_worker` (tensor parallel, in
-tpicore.parallel) or `pipeline_worker` (here). The launcher (emulator/launcher.py) forks the processes,
-applies the limits and records the results; it calls into this module only from device processes.
-
-Pipeline stages here answer a "report" request between runs (tpicore.pipeline.stage_loop only knows
-"stop"), and book the time a stage waits for its input as comm_s (that wait includes the other stages'
-compute: one request, so only one stage computes at a time).
+The master process (rank 0) drives generation through a `Driver`: `step(ids, pos, all_logits)`,
+`collect()` (every rank's RankReport so far; the master diffs two for one run's split) and `close()`.
+Workers run `tpicore.dist.tensor_parallel.run_worker` or `pipeline_worker` (here: a setup message from
+the master, then tpicore.dist.pipeline's one stage loop). Every device gets its emulated world as one
+DeviceEnv (clock, disk model, link shaper), built by emulator/run/device.py.
 
 Resident weights of a unique-layer model (model.unique_layers K < L layers, f32 stored) are memory
 maps of K stored layers, so the measured RSS holds K layers where a real model holds L:
 `resident_extra_bytes` is what the L - K repeated layers would add, reported beside the measurement.
+
+Layer: run. Must not fork, apply limits or write results (emulator/run/launcher.py and supervisor.py do).
 """
 
 from __future__ import annotations
 
-import copy
 import os
-from typing import Any
+from dataclasses import dataclass
+from socket import socket
+from typing import Protocol
 
 import numpy as np
 
-from tpicore.comm.wire import Kind, parse_json
-from tpicore.runtime.device import Device, ResidentSource
-from tpicore.weights.store import TensorStore
+from emulator.config.run_config import RunConfig
+from emulator.net.network import Network
+from tpicore.comm.frame import Kind
+from tpicore.comm.group import Group
+from tpicore.dist.pipeline import PipelineMaster, make_stage, plan_stages, stage_loop
+from tpicore.dist.tensor_parallel import Master, RunOptions
 from tpicore.errors import TpiError
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.env import DeviceEnv
+from tpicore.runtime.ondemand import OnDemandSource
+from tpicore.runtime.report import RankReport
+from tpicore.runtime.window import WindowSource
+from tpicore.weights.store import TensorStore
 
-MODES_DOC = __doc__
+
+@dataclass
+class DeviceSetup:
+    """Everything a device process needs; inherited through fork, never pickled."""
+
+    cfg: RunConfig
+    shard_dirs: list[str]
+    prompts: list[list[int]]
+    max_seq: int
+    network: Network  # the run's links (emulator/net/network.py): enter() in the device, then hook()
+    listener: socket
+    addr: str
+    secret: bytes
+
+
+class Driver(Protocol):
+    """How the master drives one mode: a forward step, every rank's report so far, and the end."""
+
+    def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray: ...
+
+    def collect(self) -> list[RankReport]: ...
+
+    def close(self) -> None: ...
 
 
 def open_store(path: str) -> TensorStore:
-    """A shard folder (manifest.json: tpi shard / unique_synth output) or an HF checkpoint folder."""
+    """A shard folder (manifest.json: tpi shard / tpi synth --devices output) or an HF checkpoint folder."""
     if os.path.isfile(os.path.join(path, "manifest.json")):
         return TensorStore.from_shard_dir(path)
     return TensorStore.from_model_dir(path)
 
 
-def device_layers(cfg, n_layers: int) -> list[range]:
+def device_layers(cfg: RunConfig, n_layers: int) -> list[range]:
     """The layers each rank runs: all of them (tensor parallel, one device) or its pipeline stage."""
     if cfg.options.mode == "pipeline":
-        from tpicore.dist.pipeline import plan_stages
-
         return plan_stages(n_layers, cfg.world_size, cfg.ratios())
     return [range(n_layers)] * cfg.world_size
 
 
-def device_report(rank: int, dev: Device, trace: bool) -> dict:
-    """What a rank reports: peak RSS, page cache of its files, time split, window statistics, events."""
-    rep = copy.deepcopy(dev.report())  # the window's statistics are live: the caller diffs two reports
-    return {"rank": rank, **rep, "events": list(dev.timers.events) if trace else []}
-
-
-def resident_extra_bytes(cfg, dirs: list[str]) -> list[int]:
+def resident_extra_bytes(cfg: RunConfig, dirs: list[str]) -> list[int]:
     """Per rank: bytes the repeated layers of a unique-layer model would add to resident weights.
 
     Zero unless weights are resident (no window, not offload), the model has unique layers, and they
@@ -99,31 +121,20 @@ def resident_extra_bytes(cfg, dirs: list[str]) -> list[int]:
 
 
 class TensorParallel:
-    """tpi / galaxy: tpicore.parallel.Master over the emulated links."""
+    """tpi / galaxy: tpicore.dist.tensor_parallel.Master over the emulated links."""
 
-    def __init__(self, plan, store: TensorStore, max_seq: int, clock, shaper) -> None:
-        from dataclasses import fields
-
-        from tpicore.comm.transport import Group
-        from tpicore.dist.tensor_parallel import Master, RunOptions
-
-        cfg = plan.cfg
+    def __init__(self, setup: DeviceSetup, store: TensorStore, max_seq: int, env: DeviceEnv) -> None:
+        cfg = setup.cfg
         o = cfg.options
-        self.group = Group.master(cfg.world_size, secret=plan.secret, fingerprint=store.fingerprint,
-                                  timeout_s=o.timeout_s, listener=plan.listener, mesh=o.allreduce != "star")
-        self.group.link_hook = shaper
-        extra: dict[str, Any] = {}
-        if "drop_cache" in {f.name for f in fields(RunOptions)}:
-            extra["drop_cache"] = o.drop_cache
+        self.group = Group.master(cfg.world_size, secret=setup.secret, fingerprint=store.fingerprint,
+                                  timeout_s=o.timeout_s, listener=setup.listener, mesh=o.allreduce != "star")
         opts = RunOptions(max_seq=max_seq, allreduce=o.allreduce, window=o.window, retain_every=o.retain_every,
-                          trace=o.trace, **extra)
-        self.master = Master(self.group, store, opts, clock, cfg.topology.devices[0].disk_read_mbps)
+                          trace=o.trace, drop_cache=o.drop_cache)
+        self.master = Master(self.group, store, opts, env)
         self.step = self.master.step
 
-    def collect(self) -> list[dict]:
-        reports = self.master.collect()
-        reports[0] = copy.deepcopy(reports[0])  # rank 0's own is live (its events list, its window)
-        return reports
+    def collect(self) -> list[RankReport]:
+        return self.master.collect()
 
     def close(self) -> None:
         try:
@@ -136,36 +147,23 @@ class TensorParallel:
 class Pipeline:
     """pipeline: stage 0 (with the embedding and LM head) here, stages 1..N-1 in `pipeline_worker`."""
 
-    def __init__(self, plan, store: TensorStore, max_seq: int, clock, shaper) -> None:
-        from tpicore.comm.transport import Group
-        from tpicore.dist.pipeline import PipelineMaster, make_stage
-
-        cfg = plan.cfg
+    def __init__(self, setup: DeviceSetup, store: TensorStore, max_seq: int, env: DeviceEnv) -> None:
+        cfg = setup.cfg
         o = cfg.options
         n = cfg.world_size
         stages = device_layers(cfg, store.cfg.num_hidden_layers)
-        self.group = Group.master(n, secret=plan.secret, fingerprint=pipeline_fingerprint(plan),
-                                  timeout_s=o.timeout_s, listener=plan.listener, mesh=True)
-        self.group.link_hook = shaper
+        self.group = Group.master(n, secret=setup.secret, fingerprint=pipeline_fingerprint(setup),
+                                  timeout_s=o.timeout_s, listener=setup.listener, mesh=True)
+        self.group.link_hook = env.link_hook
         for r in range(1, n):
             self.group.channel(r).send_json(Kind.CONTROL, {"op": "setup", "max_seq": max_seq, "trace": o.trace})
-        self.dev = make_stage(store, stages[0], max_seq, clock)
+        self.dev = make_stage(store, stages[0], max_seq, env.clock)
         self.dev.timers.trace = o.trace
         self.master = PipelineMaster(self.group, self.dev)
         self.step = self.master.step
-        self.trace = o.trace
 
-    def collect(self) -> list[dict]:
-        """The request travels down the pipeline; each stage answers the master directly."""
-        n = self.group.world_size
-        if n > 1:
-            self.group.channel(1).send_json(Kind.CONTROL, {"op": "report"})
-        reports = [device_report(0, self.dev, self.trace)]
-        for r in range(1, n):
-            msg = self.group.channel(r).recv_json(Kind.CONTROL)
-            msg.pop("op", None)
-            reports.append(msg)
-        return reports
+    def collect(self) -> list[RankReport]:
+        return self.master.collect()
 
     def close(self) -> None:
         try:
@@ -178,102 +176,61 @@ class Pipeline:
 class OneDevice:
     """standalone / offload / standalone+ms: the first device alone, no links."""
 
-    def __init__(self, plan, store: TensorStore, max_seq: int, clock, shaper=None) -> None:
-        cfg = plan.cfg
-        o = cfg.options
-        disk = cfg.topology.devices[0].disk_read_mbps
+    def __init__(self, setup: DeviceSetup, store: TensorStore, max_seq: int, env: DeviceEnv) -> None:
+        o = setup.cfg.options
         if o.mode == "standalone":
             source = ResidentSource(store)
         elif o.mode == "offload":
-            from tpicore.runtime.ondemand import OnDemandSource
-
-            source = OnDemandSource(store, clock=clock, disk_read_mbps=disk, drop_cache=o.drop_cache)
+            source = OnDemandSource(store, env=env, drop_cache=o.drop_cache)
         elif o.mode == "standalone+ms":
-            from tpicore.runtime.window import WindowSource
-
-            source = WindowSource(store, window=o.window, retain_every=o.retain_every, clock=clock,
-                                  disk_read_mbps=disk, drop_cache=o.drop_cache)
+            source = WindowSource(store, window=o.window, retain_every=o.retain_every, env=env,
+                                  drop_cache=o.drop_cache)
         else:
             raise TpiError(f"options.mode: {o.mode!r} does not run on one device")
-        self.dev = Device(store, source, max_seq, clock=clock)
-        if hasattr(source, "attach"):  # idempotent: engines that attach in Device() already did
-            source.attach(self.dev.timers)
+        self.dev = Device(store, source, max_seq, clock=env.clock)
         self.dev.timers.trace = o.trace
         self.step = self.dev.step
-        self.trace = o.trace
 
-    def collect(self) -> list[dict]:
-        return [device_report(0, self.dev, self.trace)]
+    def collect(self) -> list[RankReport]:
+        return [self.dev.report(0)]
 
     def close(self) -> None:
         self.dev.close()
 
 
-def open_driver(plan, store: TensorStore, max_seq: int, clock, shaper):
-    mode = plan.cfg.options.mode
-    if plan.cfg.options.tensor_parallel:
-        return TensorParallel(plan, store, max_seq, clock, shaper)
-    if mode == "pipeline":
-        return Pipeline(plan, store, max_seq, clock, shaper)
-    return OneDevice(plan, store, max_seq, clock, shaper)
+def open_driver(setup: DeviceSetup, store: TensorStore, max_seq: int, env: DeviceEnv) -> Driver:
+    if setup.cfg.options.tensor_parallel:
+        return TensorParallel(setup, store, max_seq, env)
+    if setup.cfg.options.mode == "pipeline":
+        return Pipeline(setup, store, max_seq, env)
+    return OneDevice(setup, store, max_seq, env)
 
 
-def pipeline_fingerprint(plan) -> str:
+def pipeline_fingerprint(setup: DeviceSetup) -> str:
     """Every stage reads the same folder: its path (and the split) identify the run."""
-    return f"pipeline:{os.path.realpath(plan.shard_dirs[0])}:{plan.cfg.world_size}"
+    return f"pipeline:{os.path.realpath(setup.shard_dirs[0])}:{setup.cfg.world_size}"
 
 
 # ---------------------------------------------------------------------------------------------------
 # Pipeline worker stages (ranks 1..N-1)
 
 
-def pipeline_worker(plan, rank: int, clock, shaper) -> dict:
-    """Serve steps from the previous stage until a stop comes down the pipeline; answer reports."""
-    from tpicore.comm.transport import Group
-    from tpicore.dist.pipeline import make_stage
-
-    cfg = plan.cfg
-    n = cfg.world_size
-    store = open_store(plan.shard_dirs[rank])
-    group = Group.worker(rank, plan.addr, world_size=n, secret=plan.secret, fingerprint=pipeline_fingerprint(plan),
-                         timeout_s=cfg.options.timeout_s)
-    group.link_hook = shaper
+def pipeline_worker(setup: DeviceSetup, rank: int, env: DeviceEnv) -> RankReport:
+    """Wait for the master's setup (max_seq: known once it has tokenized the prompt), then serve as
+    stage `rank` (tpicore.dist.pipeline.stage_loop) until a stop comes down the pipeline."""
+    cfg = setup.cfg
+    store = open_store(setup.shard_dirs[rank])
+    group = Group.worker(rank, setup.addr, world_size=cfg.world_size, secret=setup.secret,
+                         fingerprint=pipeline_fingerprint(setup), timeout_s=cfg.options.timeout_s)
+    group.link_hook = env.link_hook
     dev = None
     try:
-        setup = group.channel(0).recv_json(Kind.CONTROL)
-        if setup.get("op") != "setup":
-            raise TpiError(f"rank {rank}: expected a setup message from the master, got {setup.get('op')!r}")
-        dev = make_stage(store, device_layers(cfg, store.cfg.num_hidden_layers)[rank], setup["max_seq"], clock)
-        dev.timers.trace = bool(setup.get("trace"))
-        prev, nxt = group.channel(rank - 1), (rank + 1) % n
-        t = dev.timers
-        while True:
-            t0 = clock.now()
-            hdr, payload = prev.recv_any((Kind.CONTROL, Kind.TENSOR))
-            if hdr.kind == Kind.CONTROL:
-                op = parse_json(payload, prev.peer).get("op")
-                if op == "report":
-                    group.channel(0).send_json(Kind.CONTROL, {"op": "report", **device_report(rank, dev, t.trace)})
-                if op in ("report", "stop"):
-                    if nxt:
-                        group.channel(nxt).send_json(Kind.CONTROL, {"op": op})
-                    if op == "stop":
-                        break
-                    continue
-                raise TpiError(f"rank {rank}: unexpected control message {op!r} from {prev.peer}")
-            positions = payload.reshape(-1)  # [T] int64
-            x = prev.recv_array(Kind.TENSOR)  # [T, D]
-            waited = clock.now() - t0
-            t.comm_s += waited
-            if t.trace:
-                t.events.append(("wait", "comm", t0, waited))
-            x = dev.layers(x, int(positions[0]))
-            t1 = clock.now()
-            out = group.channel(nxt)
-            out.send_array(Kind.TENSOR, positions)
-            out.send_array(Kind.TENSOR, np.ascontiguousarray(x))
-            t.comm_s += clock.now() - t1
-        return device_report(rank, dev, t.trace)
+        msg = group.channel(0).recv_json(Kind.CONTROL)
+        if msg.get("op") != "setup":
+            raise TpiError(f"rank {rank}: expected a setup message from the master, got {msg.get('op')!r}")
+        dev = make_stage(store, device_layers(cfg, store.cfg.num_hidden_layers)[rank], msg["max_seq"], env.clock)
+        dev.timers.trace = bool(msg.get("trace"))
+        return stage_loop(group, dev)
     finally:
         if dev is not None:
             dev.close()

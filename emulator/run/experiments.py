@@ -32,7 +32,7 @@ An experiment file:
     smoke:                             # the tiny variant (`--smoke`, the tests): seconds, not minutes
       base: {model: {synth: tiny}, devices.count: 2}   # overrides on base (after SMOKE_DEFAULTS)
       sweep: [{options.mode: tpi}]     # replaces the sweep (one or two points)
-    runner: allreduce                  # not a model run: the whole file goes to emulator.allreduce_sweep
+    runner: allreduce                  # not a model run: the whole file goes to emulator/run/allreduce_sweep.py
 
 A point is a set of `--set` overrides on the base, plus optional labels (LABEL_KEYS: `panel`,
 `testbed`, `paper_model`) that only name it for the plots. Every results line carries
@@ -45,27 +45,44 @@ preparation error) becomes a line with `"error"` and `"skipped": true`; the swee
 Results are written to <results>/.staging/<name>.jsonl and moved over <results>/<name>.jsonl when the
 sweep is done, so an interrupted run never clobbers committed results. `--smoke` writes to
 .cache/smoke-results/ unless --results is given, for the same reason.
+
+Layer: run. The files are tpicore.schema models (errors name the file and the field); figures are drawn
+by the caller (`draw`, from emulator/cli.py), never imported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Callable, Mapping, Sequence, Union
 
-from emulator.config.run_config import ROOT, SECTIONS, RunConfig, load_run_config
+import yaml
+from pydantic import Discriminator, Tag, field_validator, model_validator
+
+from emulator.config.run_config import (
+    ROOT,
+    SECTIONS,
+    RunConfig,
+    load_run_config,
+    resolved_doc,
+)
+from emulator.results.record import ResultRecord, RunRecord, append_record, read_records
+from emulator.run import allreduce_sweep, privacy
+from emulator.run.launcher import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_TERMINATED, Run
 from tpicore.errors import TpiError
+from tpicore.schema import Invalid, Number, Record, SchemaError, check, load, read_yaml
+from tpicore.tools.synth.presets import PRESETS
 
 EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
 SMOKE_RESULTS = ROOT / ".cache" / "smoke-results"
 KEYS = ("name", "description", "paper", "estimate_s", "base", "set", "sweep", "smoke", "runner")
 CONFIG_ROOTS = set(SECTIONS) | {"devices", "links"}
-# point keys that only label a point for the plots (emulator/plot.py), never applied to the config
+# point keys that only label a point for the plots (emulator/figures/), never applied to the config
 LABEL_KEYS = ("panel", "testbed", "paper_model")
 # Every smoke variant: a short prompt, two tokens, one repetition (a YAML's smoke.base may add to these)
 SMOKE_DEFAULTS = {"workload.prompt_lengths": [3], "workload.new_tokens": 2, "workload.repetitions": 1,
@@ -78,6 +95,139 @@ ORDER = ("fig3_allreduce", "fig1_timeline", "fig1_memory", "window_sweep", "stal
 
 # ---------------------------------------------------------------------------------------------------
 # The experiment file
+
+
+def _is_config_key(key: str) -> bool:
+    return key.split(".")[0] in CONFIG_ROOTS
+
+
+def _point(value: Any) -> dict:
+    """A point: {override key (or label): value}."""
+    if not isinstance(value, Mapping):
+        raise Invalid(f"expected a mapping of override key -> value, got {value!r}")
+    for k in value:
+        if not isinstance(k, str) or not (_is_config_key(k) or k in LABEL_KEYS):
+            raise Invalid(f"not a run config key (sections: {', '.join(sorted(CONFIG_ROOTS))}) "
+                          f"nor a label ({', '.join(LABEL_KEYS)})", field=str(k))
+    return dict(value)
+
+
+def _non_empty(what: str) -> Callable[[Any], list]:
+    def fn(value: Any) -> list:
+        if not isinstance(value, list) or not value:
+            raise Invalid(f"expected a non-empty list of {what}, got {value!r}")
+        return value
+
+    return fn
+
+
+Point = Annotated[dict, check(_point)]
+
+
+class Grid(Record):
+    """{grid: {axis: [values]}, points: [point]}: the cartesian product of the axes (the first outermost),
+    then the points (innermost). An axis named by a config key takes values; any other name is a named
+    axis whose values are points."""
+
+    grid: dict[str, Annotated[list, check(_non_empty("values"))]] = {}
+    points: Annotated[list[Point], check(_non_empty("points"))] | None = None
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise Invalid(f"expected a mapping of axis -> list of values, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _named_axes(self) -> "Grid":
+        for axis, values in self.grid.items():
+            if not _is_config_key(axis):
+                for i, v in enumerate(values):
+                    try:
+                        _point(v)
+                    except Invalid as e:
+                        raise Invalid(e.message, field=".".join(p for p in (f"grid.{axis}[{i}]", e.field) if p)) \
+                            from None
+        return self
+
+    def expand(self) -> list[dict]:
+        axes = [[{axis: v} for v in values] if _is_config_key(axis) else [dict(v) for v in values]
+                for axis, values in self.grid.items()]
+        if self.points is not None:
+            axes.append(self.points)
+        out = []
+        for combo in itertools.product(*axes):
+            merged: dict = {}
+            for part in combo:
+                merged.update(part)
+            out.append(merged)
+        return out or [{}]
+
+
+def _item_form(value: Any) -> str:
+    """In a list of points: a mapping of only grid/points is a sub-sweep."""
+    sub = isinstance(value, Mapping) and value and set(value) <= {"grid", "points"}
+    return "(sub-sweep)" if sub else "(point)"
+
+
+def _sweep_form(value: Any) -> str:
+    return "(none)" if value is None else "(list)" if isinstance(value, list) else "(grid)"
+
+
+SweepItem = Annotated[Union[Annotated[Grid, Tag("(sub-sweep)")], Annotated[Point, Tag("(point)")]],
+                      Discriminator(_item_form)]
+Sweep = Annotated[Union[Annotated[None, Tag("(none)")], Annotated[list[SweepItem], Tag("(list)")],
+                        Annotated[Grid, Tag("(grid)")]], Discriminator(_sweep_form)]
+
+
+def expand_sweep(sweep: Any, where: str) -> list[dict]:
+    """A sweep (list of points and sub-sweeps, or {grid, points}) -> the list of points, each
+    {override key: value}; errors name `where` and the field path below it."""
+    try:
+        parsed = load(Sweep, sweep)
+    except SchemaError as e:
+        at = where + (e.path if e.path.startswith("[") or not e.path else f".{e.path}")
+        raise TpiError(f"{at}: {e.message}") from None
+    if parsed is None:
+        return [{}]
+    if isinstance(parsed, Grid):
+        return parsed.expand()
+    out = []
+    for item in parsed:
+        out += item.expand() if isinstance(item, Grid) else [item]
+    return out or [{}]
+
+
+def _base(value: Any) -> dict:
+    if not isinstance(value, Mapping):
+        raise Invalid("expected a run config mapping (topology, model, workload, options)")
+    if "name" in value:
+        raise Invalid("the experiment's name is its top-level `name` (or the file's stem)", field="name")
+    return dict(value)
+
+
+class Smoke(Record):
+    """smoke: the tiny variant: overrides on base (after SMOKE_DEFAULTS) and a sweep that replaces it."""
+
+    base: Annotated[dict, check(lambda v: _point(v or {}))] = {}
+    sweep: Any = None
+
+
+class ExperimentFile(Record):
+    """An experiment file as written (a runner's file is its runner's, see load_experiment)."""
+
+    name: str | None = None
+    description: Any = None
+    paper: str | None = None
+    estimate_s: Number(ge=0, note=" (seconds)") | None = None
+    base: Annotated[dict, check(_base)]
+    set: Point | None = None
+    sweep: Any = None
+    smoke: Smoke | None = None
+    runner: None = None
 
 
 @dataclass(frozen=True)
@@ -100,123 +250,41 @@ class Spec:
         return Path(self.source).parent
 
 
-def _is_config_key(key: str) -> bool:
-    return key.split(".")[0] in CONFIG_ROOTS
-
-
-def expand_sweep(sweep: Any, where: str) -> list[dict]:
-    """A sweep (list of points, or {grid, points}) -> the list of points, each {override key: value}."""
-    if sweep is None:
-        return [{}]
-    if isinstance(sweep, list):
-        out = []
-        for i, p in enumerate(sweep):
-            if isinstance(p, Mapping) and p and set(p) <= {"grid", "points"}:  # a sub-sweep
-                out += expand_sweep(p, f"{where}[{i}]")
-            else:
-                out.append(_point(p, f"{where}[{i}]"))
-        return out or [{}]
-    if not isinstance(sweep, Mapping):
-        raise TpiError(f"{where}: expected a list of points or a mapping with grid/points, got {sweep!r}")
-    for k in sweep:
-        if k not in ("grid", "points"):
-            raise TpiError(f"{where}.{k}: unknown key (allowed: grid, points)")
-    grid = sweep.get("grid") or {}
-    if not isinstance(grid, Mapping):
-        raise TpiError(f"{where}.grid: expected a mapping of axis -> list of values, got {grid!r}")
-    axes = []
-    for axis, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise TpiError(f"{where}.grid.{axis}: expected a non-empty list of values, got {values!r}")
-        if _is_config_key(axis):
-            axes.append([{axis: v} for v in values])
-        else:  # a named axis: each value is a set of overrides
-            axes.append([_point(v, f"{where}.grid.{axis}[{i}]") for i, v in enumerate(values)])
-    points = sweep.get("points")
-    if points is not None:
-        if not isinstance(points, list) or not points:
-            raise TpiError(f"{where}.points: expected a non-empty list of points, got {points!r}")
-        axes.append([_point(p, f"{where}.points[{i}]") for i, p in enumerate(points)])
-    out = []
-    for combo in itertools.product(*axes):
-        merged: dict = {}
-        for part in combo:
-            merged.update(part)
-        out.append(merged)
-    return out or [{}]
-
-
-def _point(p: Any, where: str) -> dict:
-    if not isinstance(p, Mapping):
-        raise TpiError(f"{where}: expected a mapping of override key -> value, got {p!r}")
-    for k in p:
-        if not isinstance(k, str) or not (_is_config_key(k) or k in LABEL_KEYS):
-            raise TpiError(f"{where}.{k}: not a run config key (sections: {', '.join(sorted(CONFIG_ROOTS))}) "
-                           f"nor a label ({', '.join(LABEL_KEYS)})")
-    return dict(p)
-
-
 def load_experiment(path: str | Path, smoke: bool = False) -> Spec:
     """Read and validate an experiment file; every point's run config is validated too."""
-    import yaml
-
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise TpiError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise TpiError(f"{path}: not valid YAML ({e})") from None
+    doc = read_yaml(path, "experiment file")
     if not isinstance(doc, Mapping):
         raise TpiError(f"{path}: expected a mapping at the top level")
-    name = str(doc.get("name", path.stem))
     runner = doc.get("runner")
+    if runner == "privacy":  # emulator/run/privacy.py validates its own keys
+        pf = privacy.load_config(path, smoke)
+        return Spec(name=pf.name, source=str(path), description=pf.description, paper=None,
+                    estimate_s=doc.get("estimate_s"),
+                    base={}, points=(), smoke=smoke, runner=runner, doc=dict(doc))
     if runner is not None:  # the runner validates its own keys
         if runner != "allreduce":
-            raise TpiError(f"{path}: runner: expected allreduce (emulator/allreduce_sweep.py), got {runner!r}")
-        from emulator.run.allreduce_sweep import load_sweep
-
-        sweep = load_sweep(path)
+            raise TpiError(f"{path}: runner: expected allreduce (emulator/run/allreduce_sweep.py), got {runner!r}")
+        sweep = allreduce_sweep.load_sweep(path)
         return Spec(name=sweep.name, source=str(path), description=sweep.description, paper="fig3",
                     estimate_s=doc.get("estimate_s"), base={}, points=(), smoke=smoke, runner=runner, doc=dict(doc))
-    for k in doc:
-        if k not in KEYS:
-            raise TpiError(f"{path}: {k}: unknown key (allowed: {', '.join(KEYS)})")
-    base = doc.get("base")
-    if not isinstance(base, Mapping):
-        raise TpiError(f"{path}: base: expected a run config mapping (topology, model, workload, options)")
-    base = dict(base)
-    if "name" in base:
-        raise TpiError(f"{path}: base.name: the experiment's name is its top-level `name` (or the file's stem)")
-    base["name"] = name
-    if doc.get("set"):
-        base = _apply(base, _point(doc["set"], f"{path}: set"))
-    est = doc.get("estimate_s")
-    if est is not None and (isinstance(est, bool) or not isinstance(est, (int, float)) or est < 0):
-        raise TpiError(f"{path}: estimate_s: expected seconds >= 0, got {est!r}")
-    points = expand_sweep(doc.get("sweep"), f"{path}: sweep")
+    f = load(ExperimentFile, doc, str(path))
+    name = f.name or path.stem
+    base = {**f.base, "name": name}
+    if f.set:
+        base = resolved_doc(base, list(f.set.items()))
+    points = expand_sweep(f.sweep, f"{path}: sweep")
     if smoke:
-        sm = doc.get("smoke")
-        if not isinstance(sm, Mapping):
+        if f.smoke is None:
             raise TpiError(f"{path}: smoke: missing (a tiny variant: base overrides and a one- or two-point sweep)")
-        for k in sm:
-            if k not in ("base", "sweep"):
-                raise TpiError(f"{path}: smoke.{k}: unknown key (allowed: base, sweep)")
-        overrides = {**SMOKE_DEFAULTS, **_point(sm.get("base") or {}, f"{path}: smoke.base")}
-        base = _apply(base, overrides)
-        if "sweep" in sm:
-            points = expand_sweep(sm["sweep"], f"{path}: smoke.sweep")
-    spec = Spec(name=name, source=str(path), description=str(doc.get("description") or "").strip(),
-                paper=doc.get("paper"), estimate_s=est, base=base, points=tuple(points), smoke=smoke, doc=dict(doc))
-    for i, point in enumerate(spec.points):
+        base = resolved_doc(base, list({**SMOKE_DEFAULTS, **f.smoke.base}.items()))
+        if "sweep" in f.smoke.model_fields_set:
+            points = expand_sweep(f.smoke.sweep, f"{path}: smoke.sweep")
+    spec = Spec(name=name, source=str(path), description=str(f.description or "").strip(), paper=f.paper,
+                estimate_s=f.estimate_s, base=base, points=tuple(points), smoke=smoke, doc=dict(doc))
+    for i in range(len(spec.points)):
         point_config(spec, i)  # every point must at least parse and validate
     return spec
-
-
-def _apply(doc: dict, overrides: Mapping[str, Any]) -> dict:
-    """Overrides applied to a run config document, as load_run_config would (for smoke.base)."""
-    cfg = load_run_config(None, list(overrides.items()), doc=doc)
-    return cfg.doc
 
 
 def point_config(spec: Spec, index: int) -> RunConfig:
@@ -241,8 +309,6 @@ def infeasible(cfg: RunConfig) -> str | None:
     """Why a point cannot run on this model, known from its shape alone (before preparing anything)."""
     if cfg.model.synth is None:
         return None
-    from tpicore.tools.synth import PRESETS
-
     c = PRESETS[cfg.model.synth]
     layers, n = cfg.model.layers or c["num_hidden_layers"], cfg.world_size
     if cfg.options.mode == "pipeline" and n > layers:
@@ -257,56 +323,53 @@ def infeasible(cfg: RunConfig) -> str | None:
 
 
 @dataclass
-class Outcome:
+class SweepOutcome:
+    """What one experiment left: its results lines, how many points crashed, whether it was interrupted."""
+
     name: str
-    records: list[dict] = field(default_factory=list)
+    records: list[ResultRecord] = field(default_factory=list)
     results_path: str = ""
     wall_s: float = 0.0
     failed: int = 0  # points that crashed (not skipped, not OOM)
     interrupted: bool = False
 
 
-def skipped_record(spec: Spec, point: dict, cfg: RunConfig | None, error: str) -> dict:
+def skipped_record(spec: Spec, point: dict, cfg: RunConfig | None, error: str) -> RunRecord:
     """A results line for a point that did not run (same keys as a run's line, values empty)."""
-    from emulator.results.report import utc_now
-
     config = cfg.to_json() if cfg else {"name": spec.name, "source": spec.source}
     config["description"] = spec.description
-    return {"experiment": spec.name, "point": point, "mode": cfg.options.mode if cfg else None, "run": 0,
-            "prompt_len": None, "repetition": 0, "config": config, "tokens": [],
-            "ttft_s": None, "token_latencies_s": [], "token_latency_s": None, "peak_rss_bytes": {},
-            "peak_mem_bytes": {}, "mem_over_cap": [], "time_split": {}, "oom": [], "error": error, "skipped": True,
-            "wall_s": None, "links": {}, "window": {}, "trace": {}, "page_cache_bytes": {}, "time": utc_now()}
+    return RunRecord.skipped_point(experiment=spec.name, point=point, mode=cfg.options.mode if cfg else None,
+                                   config=config, error=error)
 
 
-def point_line(spec: Spec, i: int, n: int, point: dict, records: list[dict], wall_s: float) -> str:
+def point_line(spec: Spec, i: int, n: int, point: dict, records: list[RunRecord], wall_s: float) -> str:
     """The progress line of one point: TTFT, token latency, peak memory, or why it did not run."""
     head = f"[{spec.name} {i + 1}/{n}] {label(point)}:"
     if not records:
         return f"{head} no runs recorded ({wall_s:.0f} s)"
     r = records[-1]
-    if r.get("skipped"):
-        return f"{head} skipped: {r['error']}"
+    if r.skipped:
+        return f"{head} skipped: {r.error}"
     bits = []
-    ok = [x for x in records if not x["error"]]
+    ok = [x for x in records if not x.error]
     if ok:
-        ttft = sum(x["ttft_s"] for x in ok) / len(ok)
-        lats = [x["token_latency_s"] for x in ok if x["token_latency_s"] is not None]
+        ttft = sum(x.ttft_s for x in ok) / len(ok)
+        lats = [x.token_latency_s for x in ok if x.token_latency_s is not None]
         bits.append(f"TTFT {ttft:.3g} s")
         if lats:
             bits.append(f"{sum(lats) / len(lats):.3g} s/token")
-    mem = max((v for x in records for v in (x.get("peak_mem_bytes") or x["peak_rss_bytes"]).values()), default=0)
+    mem = max((d.peak_mem_bytes for x in records for d in x.devices.values()), default=0)
     bits.append(f"peak {mem / 2**30:.2f} GiB/device")
 
     def devices(names: set[str]) -> str:
         return ", ".join(sorted(names)) if len(names) <= 4 else f"{len(names)} devices"
 
-    over = {d for x in records for d in x.get("mem_over_cap", [])}
-    if any(x["oom"] for x in records):
-        bits.append("OOM: " + devices({o["device"] for x in records for o in x["oom"]}))
+    over = {d for x in records for d in x.mem_over_cap}
+    if any(x.oom for x in records):
+        bits.append("OOM: " + devices({o.device for x in records for o in x.oom}))
     elif over:
         bits.append("over cap: " + devices(over))
-    errors = [x["error"] for x in records if x["error"] and not x["oom"]]
+    errors = [x.error for x in records if x.error and not x.oom]
     if errors:
         bits.append(f"error: {errors[-1]}")
     return f"{head} {', '.join(bits)} (wall {wall_s:.1f} s)"
@@ -314,29 +377,25 @@ def point_line(spec: Spec, i: int, n: int, point: dict, records: list[dict], wal
 
 def run_experiment(path: str | Path, results_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                    smoke: bool = False, overrides: Sequence[tuple[str, Any]] = (), verbose: bool = False,
-                   say: Callable[[str], None] | None = None) -> Outcome:
+                   say: Callable[[str], None] | None = None) -> SweepOutcome:
     """Run every point of one experiment; results to <results>/<name>.jsonl when the sweep is done."""
-    from emulator.run.launcher import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_TERMINATED, Experiment
-
     say = say or (lambda text: print(text, flush=True))
     spec = load_experiment(path, smoke)
     results = Path(results_dir) if results_dir else (SMOKE_RESULTS if smoke else ROOT / "results")
     staging = results / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
-    out = Outcome(spec.name, results_path=str(results / f"{spec.name}.jsonl"))
+    out = SweepOutcome(spec.name, results_path=str(results / f"{spec.name}.jsonl"))
     staged = staging / f"{spec.name}.jsonl"
     staged.unlink(missing_ok=True)
     t0 = time.monotonic()
-    if spec.runner == "allreduce":
+    if spec.runner:  # allreduce (Fig. 3) or privacy: the runner writes the lines
         return _run_allreduce(spec, staging, staged, out, smoke, verbose, say, t0)
     if overrides:  # command-line --set: on the base, before every point
-        spec = Spec(**{**spec.__dict__, "base": _apply(spec.base, dict(overrides))})
+        spec = dataclasses.replace(spec, base=resolved_doc(spec.base, list(overrides)))
     n = len(spec.points)
     est = f", estimated {spec.estimate_s / 60:.0f} min" if spec.estimate_s and not smoke else ""
     say(f"{spec.name}: {n} point{'s' * (n != 1)}{' (smoke)' if smoke else ''}{est}")
-    from emulator.results.report import append_jsonl
-
-    done: dict[str, tuple[int, list[dict]]] = {}  # resolved config -> (point index, its lines)
+    done: dict[str, tuple[int, list[RunRecord]]] = {}  # resolved config -> (point index, its lines)
     for i, point in enumerate(spec.points):
         p0 = time.monotonic()
         cfg = None
@@ -348,18 +407,17 @@ def run_experiment(path: str | Path, results_dir: str | Path | None = None, cach
             key = json.dumps(resolved, sort_keys=True, default=str)
             if key in done:
                 first, recs = done[key]
-                recs = [{**r, "point": point} for r in recs]
+                recs = [dataclasses.replace(r, point=point) for r in recs]
                 for r in recs:
-                    append_jsonl(staged, r)
+                    append_record(staged, r)
                 out.records += recs
                 say(f"[{spec.name} {i + 1}/{n}] {label(point)}: same run as point {first + 1}")
                 continue
             why = infeasible(cfg)
             if why:
                 raise TpiError(why)
-            exp = Experiment(cfg, results_dir=staging, cache_dir=cache_dir, progress=verbose, point=point,
-                             description=spec.description)
-            res = exp.run()
+            res = Run(cfg, results_dir=staging, cache_dir=cache_dir, progress=verbose, point=point,
+                      description=spec.description).run()
             recs = res.records
             if res.exit_code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
                 out.interrupted = True
@@ -371,7 +429,7 @@ def run_experiment(path: str | Path, results_dir: str | Path | None = None, cach
                 done[key] = (i, recs)
         except TpiError as e:
             rec = skipped_record(spec, point, cfg, str(e))
-            append_jsonl(staged, rec)
+            append_record(staged, rec)
             recs = [rec]
         out.records += recs
         say(point_line(spec, i, n, point, recs, time.monotonic() - p0))
@@ -392,18 +450,16 @@ def _tidy(staging: Path) -> None:
         pass
 
 
-def _run_allreduce(spec: Spec, staging: Path, staged: Path, out: Outcome, smoke: bool, verbose: bool,
-                   say: Callable[[str], None], t0: float) -> Outcome:
-    """Fig. 3: the sweep is emulator/allreduce_sweep.py's; its lines land in the same place."""
-    from emulator.run import allreduce_sweep
-
-    say(f"{spec.name}: allreduce sweep (emulator/allreduce_sweep.py){' (smoke)' if smoke else ''}")
-    code = allreduce_sweep.run_config(spec.source, staging, smoke=smoke, quiet=not verbose, plot=False)
+def _run_allreduce(spec: Spec, staging: Path, staged: Path, out: SweepOutcome, smoke: bool, verbose: bool,
+                   say: Callable[[str], None], t0: float) -> SweepOutcome:
+    """Fig. 3 (emulator/run/allreduce_sweep.py) or privacy (emulator/run/privacy.py): the runner's lines land
+    in the same place."""
+    module = privacy if spec.runner == "privacy" else allreduce_sweep
+    say(f"{spec.name}: {spec.runner} runner ({module.__name__}){' (smoke)' if smoke else ''}")
+    code = module.run_config(spec.source, staging, smoke=smoke, quiet=not verbose)
     out.wall_s = time.monotonic() - t0
     if staged.exists():
-        from emulator.results.report import read_jsonl
-
-        out.records = read_jsonl(staged)
+        out.records = read_records(staged)
         os.replace(staged, out.results_path)
     _tidy(staging)
     out.failed = int(code != 0)
@@ -422,9 +478,13 @@ def experiment_files(only: Sequence[str] | None = None) -> list[Path]:
     return [files[n] for n in names if not only or n in only]
 
 
+Draw = Callable[[Sequence[str], Path], int]  # (experiment names, results folder) -> exit code (0: drawn)
+
+
 def reproduce(only: Sequence[str] | None = None, smoke: bool = False, results_dir: str | Path | None = None,
-              cache_dir: str | Path | None = None, verbose: bool = False, plot: bool = True) -> int:
-    """Every experiment (or `only` some), then the figures; prints a line per point and the durations."""
+              cache_dir: str | Path | None = None, verbose: bool = False, draw: Draw | None = None) -> int:
+    """Every experiment (or `only` some), then their figures with `draw` (if given); prints a line per point
+    and the durations."""
     files = experiment_files(only)
     results = Path(results_dir) if results_dir else (SMOKE_RESULTS if smoke else ROOT / "results")
     specs = [load_experiment(f, smoke) for f in files]  # all parse before anything runs
@@ -447,33 +507,15 @@ def reproduce(only: Sequence[str] | None = None, smoke: bool = False, results_di
         print(f"  {name:<20} {wall / 60:6.1f} min{est}", flush=True)
     print(f"  {'total':<20} {total / 60:6.1f} min", flush=True)
     code = 1 if failed else 0
-    if plot:
-        code = max(code, plot_all(results, [s.name for s in specs]))
+    if draw is not None:
+        code = max(code, draw([s.name for s in specs], results))
     return code
-
-
-def plot_all(results: Path, names: Sequence[str]) -> int:
-    """Draw the figures of these experiments with emulator/plot.py, when it is in this checkout."""
-    try:
-        from emulator.figures import plot as plotting
-    except ImportError:
-        print("reproduce: emulator/plot.py not in this checkout; no figures drawn", flush=True)
-        return 0
-    known = [n for n in names if n in plotting.FIGURES]
-    written = plotting.plot_experiments(known, results, results / "figures")
-    return 0 if written else 1
 
 
 def is_experiment_file(path: str | Path) -> bool:
     """An experiment (base + sweep, or a runner) rather than a plain run config."""
-    import yaml
-
     try:
         doc = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(doc, Mapping) and ("base" in doc or "sweep" in doc or "runner" in doc)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(reproduce())

@@ -1,8 +1,9 @@
 """The `tpi` command line: a thin dispatcher over subcommands.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
-this file only wires them up, turns `TpiError` into one `error: ...` line with exit code 2, and
-must not do any work at import.
+this file only wires them up, turns `TpiError` (and argparse's own refusals, `Parser`) into one
+`error: ...` line with exit code 2, and must not do any work at import. Value checks shared by the
+subcommands live in tpicore.cli.checks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from tpicore.errors import TpiError
 
@@ -20,11 +22,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("tpicore.cli.shard", "split a checkpoint into one folder per device"),
     "worker": ("tpicore.cli.worker", "run one worker device that joins a master over TCP"),
     "plan": ("tpicore.cli.plan", "predict per-device memory and whether disk I/O can hide"),
+    "serve": ("tpicore.cli.serve", "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
+    "chat": ("tpicore.cli.chat", "chat in the terminal with a model or a running `tpi serve`"),
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one `error: ...` line and exit 2, like every other bad input (no usage
+    block; --help shows it). Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tpi", description="Tensor-parallel Llama inference in NumPy")
+    parser = Parser(prog="tpi", description="Tensor-parallel Llama inference in NumPy")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -1,8 +1,8 @@
 """`tpi generate`: argument parsing and output for generation, single process or N devices.
 
-Owns the user-facing side of generation (flags, streaming text, --json, --dump-logits). Building
-engines lives in tpicore.engine (one process) and tpicore.parallel (N devices); this module must not
-do math or networking itself.
+Owns the user-facing side of generation (flags, streaming text, --json, --dump-logits) and turning the
+flags into one GenerateOptions. Building devices lives in tpicore.runtime.session (one process) and
+tpicore.dist.tensor_parallel (N devices); this module must not do math or networking itself.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ import tempfile
 
 import numpy as np
 
+from tpicore.cli import checks
+from tpicore.comm.channel import DEFAULT_TIMEOUT_S
 from tpicore.dist.tensor_parallel import ParallelSession
 from tpicore.errors import TpiError
 from tpicore.runtime.generate import Generation, Sampling, generate
 from tpicore.runtime.memory import peak_rss_bytes
-from tpicore.runtime.session import LocalSession
+from tpicore.runtime.session import GenerateOptions, LocalSession
 from tpicore.tokenizer import StreamDecoder, Tokenizer
+from tpicore.weights.gguf import gguf_tokenizer, is_gguf_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,17 +41,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dump-logits", metavar="FILE.npy", help="save float32 logits [rows, vocab]")
     tp = p.add_argument_group("tensor parallelism")
     tp.add_argument("--devices", type=int, default=1, help="number of devices (processes); 1 = single process")
-    tp.add_argument("--ratios", help="per-device share, e.g. 3,2,2,1 (default equal)")
+    tp.add_argument("--ratios", help="per-device share, e.g. 3,2,2,1; 'equal'; or 'balanced' (the master gets "
+                    "fewer heads/FFN columns for the LM head it also runs); default: equal")
     tp.add_argument("--allreduce", choices=("star", "ring", "tree"), default="star")
+    tp.add_argument("--split-head", action="store_true",
+                    help="shard the LM head over the devices by vocabulary rows: each worker then sees its slice's "
+                         "logits every step (default: the head stays on the master)")
     tp.add_argument("--shards", help="use the per-device folders written by `tpi shard` (instead of --model)")
     tp.add_argument("--listen", metavar="HOST:PORT", help="wait for remote workers here instead of spawning them")
     tp.add_argument("--secret-file", help="shared secret for authenticating workers (required off loopback)")
-    tp.add_argument("--timeout-s", type=float, default=60.0, help="give up on a silent peer after this long")
+    tp.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="give up on a silent peer after this long")
+    tp.add_argument("--private-layers", type=int, default=None, metavar="K",
+                    help="run the first K layers on this host alone: workers never see embeddings (default 0, "
+                         "or as --shards were written)")
     mem = p.add_argument_group("memory scheduler")
     mem.add_argument("--window", type=int, default=None, help="sliding window of resident blocks (>= 2)")
     mem.add_argument("--no-window", action="store_true", help="keep every block resident (default)")
     mem.add_argument("--retain-every", type=int, default=0, help="keep one FFN block in every T resident")
     mem.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the blocks")
+    mem.add_argument("--dequantize-at-load", action="store_true",
+                     help="GGUF/quantized weights held resident as float32 (4-7x the memory, faster per token); "
+                          "default: kept quantized, dequantized chunk by chunk in each GEMV")
 
 
 def parse_ids(text: str) -> list[int]:
@@ -76,8 +89,9 @@ def write_npy_atomic(path: str, arr: np.ndarray) -> None:
         raise
 
 
-def load_tokenizer(model_dir: str | None, required: bool):
-
+def load_tokenizer(model_dir: str | None, required: bool) -> Tokenizer | None:
+    if model_dir and is_gguf_path(model_dir):  # a GGUF file carries its tokenizer in its metadata
+        return gguf_tokenizer(model_dir)
     if model_dir and os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         return Tokenizer.from_dir(model_dir)
     if required:
@@ -85,13 +99,53 @@ def load_tokenizer(model_dir: str | None, required: bool):
     return None
 
 
-def run(args: argparse.Namespace) -> int:
+def check_session_flags(args: argparse.Namespace) -> None:
+    """The flags every session command shares (generate, chat, serve): one error line for a bad value or a
+    flag that would be ignored, before anything is loaded."""
+    checks.exclusive("--model", bool(args.model), "--shards", bool(args.shards))
+    checks.integer("--devices", args.devices, 1)
+    checks.needs("--ratios", args.ratios is not None, "--devices N > 1", args.devices > 1)
+    checks.number("--timeout-s", args.timeout_s, lo=0, lo_open=True)
+    checks.needs("--retain-every", bool(args.retain_every), "--window", args.window is not None and not args.no_window)
+    if args.listen is not None:
+        checks.host_port("--listen", args.listen)
+    if args.secret_file is not None and args.listen is None:
+        raise TpiError("--secret-file: needs --listen (local workers get a random secret)")
+
+
+def check_generate_flags(args: argparse.Namespace) -> None:
+    """`tpi generate`'s own flags: sampling numbers, the prompt's text, and output paths (checked before
+    generating, so a bad path never leaves a half-written file or a temporary one)."""
+    checks.utf8("--prompt", args.prompt)
+    checks.number("--temperature", args.temperature, lo=0)
+    checks.number("--top-p", args.top_p, lo=0, lo_open=True, hi=1)
+    checks.integer("--top-k", args.top_k, 0)
+    checks.integer("--seed", args.seed, 0, 2**63 - 1)
+    checks.integer("--max-new-tokens", args.max_new_tokens, 1)
+    checks.output_file("--dump-logits", args.dump_logits)
+    checks.output_file("--trace", args.trace)
+    checks.needs("--split-head", args.split_head, "--devices N > 1", args.devices > 1)
+
+
+def generate_options(args: argparse.Namespace) -> GenerateOptions:
+    """The session's options from the flags (--no-window wins over --window)."""
     if not args.model and not args.shards:
         raise TpiError("--model or --shards is required")
+    check_session_flags(args)
+    return GenerateOptions(model=args.model, shards=args.shards, devices=args.devices, ratios=args.ratios,
+                           allreduce=args.allreduce, listen=args.listen, secret_file=args.secret_file,
+                           timeout_s=args.timeout_s, window=None if args.no_window else args.window,
+                           retain_every=args.retain_every, trace=bool(args.trace),
+                           private_layers=args.private_layers, dequantize_at_load=args.dequantize_at_load,
+                           split_head=args.split_head)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_generate_flags(args)
+    opts = generate_options(args)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    local = args.devices == 1 and not args.shards and not args.listen
-    Session = LocalSession if local else ParallelSession
-    with Session.open(args) as session:
+    Session = LocalSession if opts.local else ParallelSession
+    with Session.open(opts) as session:
         cfg = session.cfg
         if session.store.note:
             print(f"note: {session.store.note}", file=sys.stderr)
@@ -111,10 +165,7 @@ def run(args: argparse.Namespace) -> int:
                            f"max_position_embeddings = {cfg.max_position_embeddings}")
         session.prepare(max_seq=len(ids) + args.max_new_tokens)
 
-        stream = None
-        if not args.json and tok is not None:
-
-            stream = StreamDecoder(tok)
+        stream = StreamDecoder(tok) if not args.json and tok is not None else None
 
         def on_token(t: int) -> None:
             if stream is not None:

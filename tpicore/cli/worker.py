@@ -6,12 +6,10 @@ import argparse
 import os
 import sys
 
-from tpicore.dist.tensor_parallel import (
-    DEFAULT_TIMEOUT_S,
-    is_loopback,
-    read_secret,
-    run_worker,
-)
+from tpicore.cli import checks
+from tpicore.comm.channel import DEFAULT_TIMEOUT_S
+from tpicore.comm.endpoint import is_loopback
+from tpicore.dist.tensor_parallel import read_secret, run_worker
 from tpicore.errors import TpiError
 
 
@@ -25,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    checks.integer("--rank", args.rank, 1)
+    checks.number("--timeout-s", args.timeout_s, lo=0, lo_open=True)
+    checks.integer("--threads", args.threads, 1)
+    checks.host_port("--master", args.master)
+    checks.folder("--shards", args.shards)
     shard_dir = args.shards
     if os.path.isdir(os.path.join(shard_dir, f"rank-{args.rank}")):
         shard_dir = os.path.join(shard_dir, f"rank-{args.rank}")
@@ -33,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(host) and secret is None:
         raise TpiError("--secret-file is required to join a master on another host")
     report = run_worker(args.rank, args.master, shard_dir, secret, args.timeout_s, args.threads)
-    print(f"rank {args.rank}: done, peak RSS {report['peak_rss_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+    print(f"rank {args.rank}: done, peak RSS {report.peak_rss_bytes / 2**20:.1f} MiB", file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
 """Collectives over a `Group`: allreduce (star, ring, tree) and broadcast.
 
-Owns the communication pattern and the summation order, nothing else: sockets, framing and the link
-hook are transport.py's, and the model only ever sees `Collective(group, algo)` as its `allreduce`
+Owns the communication pattern and the summation order, nothing else: sockets, framing, sealing and
+the link hook are the channels' (channel.py, duplex.py, group.py), and the model only ever sees `Collective(group, algo)` as its `allreduce`
 function. Every algorithm adds in a fixed order for a given world size N, so results are bit-identical
 from run to run (the algorithms differ from one another only by fp32 rounding).
 
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from tpicore.comm.transport import Group, exchange
-from tpicore.comm.wire import Kind, contiguous
+from tpicore.comm.duplex import exchange
+from tpicore.comm.frame import Kind, contiguous
+from tpicore.comm.group import Group
 from tpicore.errors import TpiError
 
 ALGOS = ("star", "ring", "tree")
@@ -94,9 +95,6 @@ class Collective:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return allreduce(self.group, x, self.algo)
-
-    def broadcast(self, x: np.ndarray | None = None, root: int = 0) -> np.ndarray:
-        return broadcast(self.group, x, root)
 
 
 def _star(group: Group, x: np.ndarray, tag: int) -> None:

@@ -1,28 +1,37 @@
 """Pipeline-parallel baseline: layers split across N devices, the hidden state passed along.
 
-Owns the paper's "MP" / llama.cpp-RPC comparison point: stage r holds whole layers [a_r, b_r) and,
-per step, receives positions + hidden states from stage r-1, runs its layers, and sends them on; the
-last stage returns them to the master (rank 0), which also owns the embedding and LM head. Only one
-stage computes at a time (one request, as in the paper). Uses the same transport and Device as the
-tensor-parallel runtime; must not contain model math.
+Layer: dist. Owns the paper's "MP" / llama.cpp-RPC comparison point and its ONE stage loop (the
+emulator's pipeline mode runs the same `stage_loop` and `PipelineMaster`): stage r holds whole layers
+[a_r, b_r) and, per step, receives positions + hidden states from stage r-1, runs its layers, and sends
+them on; the last stage returns them to the master (rank 0), which also owns the embedding and LM head.
+Only one stage computes at a time (one request, as in the paper), so the time a stage waits for its
+input (booked as comm_s, with sending its output) includes the other stages' compute.
+
+Control messages travel down the pipeline like a step: "stop" ends every stage, "report" (between
+generations) makes each stage send its RankReport to the master and serve on. Uses the same transport
+and Device as the tensor-parallel runtime; must not contain model math.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import sys
 
 import numpy as np
 
-from tpicore.comm.transport import Group
-from tpicore.comm.wire import Kind, parse_json
-from tpicore.runtime.device import Device, ResidentSource
-from tpicore.weights.store import TensorStore
+from tpicore.comm.channel import DEFAULT_TIMEOUT_S
+from tpicore.comm.endpoint import open_listener
+from tpicore.comm.frame import Kind, parse_json
+from tpicore.comm.group import Group
+from tpicore.dist.tensor_parallel import LocalWorkers, set_blas_threads
 from tpicore.errors import TpiError
 from tpicore.model.split import apportion
-from tpicore.comm.transport import open_listener
-from tpicore.dist.tensor_parallel import LocalWorkers
-from tpicore.dist.tensor_parallel import set_blas_threads
+from tpicore.runtime.device import Device, ResidentSource
+from tpicore.runtime.env import Clock
 from tpicore.runtime.generate import generate
+from tpicore.runtime.report import RankReport, TraceEvent
+from tpicore.weights.store import TensorStore
 
 
 def plan_stages(n_layers: int, world_size: int, ratios: list[float] | None = None) -> list[range]:
@@ -35,7 +44,7 @@ def plan_stages(n_layers: int, world_size: int, ratios: list[float] | None = Non
     return [range(int(starts[r]), int(starts[r + 1])) for r in range(world_size)]
 
 
-def make_stage(store: TensorStore, layers: range, max_seq: int, clock=None) -> Device:
+def make_stage(store: TensorStore, layers: range, max_seq: int, clock: Clock | None = None) -> Device:
     return Device(store, ResidentSource(store), max_seq, clock=clock, layer_ids=layers)
 
 
@@ -45,24 +54,38 @@ def _send_on(group: Group, dst: int, positions: np.ndarray, x: np.ndarray) -> No
     ch.send_array(Kind.TENSOR, np.ascontiguousarray(x))  # [T, D] float32
 
 
-def stage_loop(group: Group, dev: Device) -> dict:
-    """A worker stage: serve steps from the previous stage until a stop comes down the pipeline."""
+def stage_loop(group: Group, dev: Device) -> RankReport:
+    """A worker stage: serve steps from the previous stage until a stop comes down the pipeline; answer
+    "report" requests to the master on the way. Returns this stage's final report."""
     r, n = group.rank, group.world_size
     prev = group.channel(r - 1)
     nxt = (r + 1) % n
+    clock, t = dev.clock, dev.timers
     while True:
+        t0 = clock.now()
         hdr, payload = prev.recv_any((Kind.CONTROL, Kind.TENSOR))
         if hdr.kind == Kind.CONTROL:
-            if parse_json(payload, prev.peer).get("op") != "stop":
-                raise TpiError(f"rank {r}: unexpected control message from {prev.peer}")
+            op = parse_json(payload, prev.peer).get("op")
+            if op not in ("report", "stop"):
+                raise TpiError(f"rank {r}: unexpected control message {op!r} from {prev.peer}")
+            if op == "report":
+                group.channel(0).send_json(Kind.CONTROL, {"op": "report", **dev.report(r).to_json()})
             if nxt:
-                group.channel(nxt).send_json(Kind.CONTROL, {"op": "stop"})
-            break
+                group.channel(nxt).send_json(Kind.CONTROL, {"op": op})
+            if op == "stop":
+                break
+            continue
         positions = payload.reshape(-1)  # [T] int64
         x = prev.recv_array(Kind.TENSOR)  # [T, D]
+        waited = clock.now() - t0
+        t.comm_s += waited
+        if t.trace:
+            t.events.append(TraceEvent("wait", "comm", t0, waited))
         x = dev.layers(x, int(positions[0]))
+        t1 = clock.now()
         _send_on(group, nxt, positions, x)
-    return {"rank": r, "timers": dev.timers.snapshot()}
+        t.comm_s += clock.now() - t1
+    return dev.report(r)
 
 
 class PipelineMaster:
@@ -83,6 +106,17 @@ class PipelineMaster:
             dev.timers.comm_s += dev.clock.now() - t0  # includes the other stages' compute (they run in turn)
         return dev.head(x if all_logits else x[-1:])
 
+    def collect(self) -> list[RankReport]:
+        """Every stage's report so far: the request travels down the pipeline; each stage answers here."""
+        n = self.group.world_size
+        if n > 1:
+            self.group.channel(1).send_json(Kind.CONTROL, {"op": "report"})
+        reports = [self.dev.report(0)]
+        for r in range(1, n):
+            ch = self.group.channel(r)
+            reports.append(RankReport.from_json(ch.recv_json(Kind.CONTROL), ch.peer))
+        return reports
+
     def finish(self) -> None:
         if self.group.world_size > 1:  # the stop travels down the pipeline like a step
             self.group.channel(1).send_json(Kind.CONTROL, {"op": "stop"})
@@ -90,10 +124,6 @@ class PipelineMaster:
 
 def _local_stage_main(rank: int, addr: str, model_dir: str, world_size: int, layers: range, max_seq: int,
                       secret: bytes, fingerprint: str, timeout_s: float) -> None:
-    import os
-    import sys
-
-
     set_blas_threads(1)
     try:
         store = TensorStore.from_model_dir(model_dir)
@@ -110,11 +140,8 @@ def _local_stage_main(rank: int, addr: str, model_dir: str, world_size: int, lay
 
 
 def run_local(model_dir: str, world_size: int, prompt_ids: list[int], max_new_tokens: int,
-              ratios: list[float] | None = None, timeout_s: float = 30.0, keep_logits: bool = False):
+              ratios: list[float] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, keep_logits: bool = False):
     """Generate with a local pipeline of `world_size` processes (tests and benchmarks)."""
-    import secrets
-
-
     store = TensorStore.from_model_dir(model_dir)
     store.check()
     stages = plan_stages(store.cfg.num_hidden_layers, world_size, ratios)

@@ -1,86 +1,87 @@
 """Tensor-parallel runtime: a master (rank 0) and N-1 workers running one model split N ways.
 
 Owns the per-step protocol between devices and the life cycle of local worker processes:
-  master: embed ids -> broadcast positions [T] and hidden states [T, D] -> every rank runs all layers
-          on its shard with the collective as `allreduce` -> master: final norm + LM head -> sample.
-  Token ids and text never leave the master; workers receive only positions, hidden states and
-  small control messages (setup/stop/report), all over tpicore.comm's framed transport.
-Local workers are started with `multiprocess` (fork) and always reaped. Must not contain model
-math (tpicore.model) or wire-format details (tpicore.comm).
+  master: embed ids -> run the K private layers alone (`--private-layers K`, default 0) -> broadcast
+          positions [T] and hidden states [T, D] after layer K -> every rank runs layers K.. on its shard
+          with the collective as `allreduce` -> master: final norm + LM head -> sample.
+  Token ids and text never leave the master; workers receive only positions, hidden states after layer
+  K (with K = 0: the embedding rows, which a lookup in the public table inverts) and small control
+  messages (setup/stop/report), all over tpicore.comm's framed transport. With K = all layers the
+  workers are sent no step at all. Opt-in `--split-head` (split_head.py) also gives each worker its
+  vocabulary slice of the LM head and has it return that slice's logits every step.
+Local workers are started with `multiprocess` (fork) and always reaped. Layer: dist. A rank's options
+(`RunOptions`) are validated where they arrive; its report is a tpicore.runtime.report.RankReport.
+Emulation (a virtual clock, a modelled disk, a link shaper) comes in as one DeviceEnv. Must not contain
+model math (tpicore.model) or wire-format details (tpicore.comm).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import signal
-import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import socket
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from tpicore.comm import collectives as C
-from tpicore.comm.transport import Group, open_listener
-from tpicore.comm.wire import Kind, parse_json
-from tpicore.runtime.device import Device, Timers
-from tpicore.weights.store import TensorStore
+from tpicore.comm.channel import DEFAULT_TIMEOUT_S
+from tpicore.comm.endpoint import is_loopback, open_listener
+from tpicore.comm.frame import Kind, parse_json
+from tpicore.comm.group import Group
+from tpicore.dist import split_head
+from tpicore.dist.local_workers import LocalWorkers, report_failure
+from tpicore.dist.split_head import HeadSlice
 from tpicore.errors import TpiError
-from tpicore.model.split import parse_ratios
+from tpicore.model.config import ModelConfig
+from tpicore.model.split import balanced_ratios, check_private_layers, parse_ratios
+from tpicore.runtime.device import Device
+from tpicore.runtime.env import DeviceEnv
 from tpicore.runtime.generate import Sampling, generate
-from tpicore.runtime.session import make_source
-from tpicore.runtime.session import write_trace
+from tpicore.runtime.report import RankReport, TimeSplit
+from tpicore.runtime.session import GenerateOptions, make_source, write_trace
+from tpicore.schema import Choice, Flag, Int, OptInt, Record, load
 from tpicore.tools.shard import cached_shards
+from tpicore.weights.gguf import GGUFCheckpoint, is_gguf_path
+from tpicore.weights.store import TensorStore
 
-DEFAULT_TIMEOUT_S = 60.0
+# --ratios when not given (see plan_ratios). "equal", not "balanced": every block ends in an allreduce (a
+# barrier), so a step costs the sum over blocks of the slowest rank plus the master's LM head; equal shares
+# minimise that sum, and giving the master fewer columns only moves them onto the workers' critical path
+# (125M model, N = 2: 249 MB of weights on the critical path with equal shares, 298 MB balanced).
+DEFAULT_PLACEMENT = "equal"
 
 
-@dataclass
-class RunOptions:
-    """What every rank must agree on for one run (sent by the master to each worker at setup)."""
+class RunOptions(Record):
+    """What every rank must agree on for one run: sent by the master in its setup message and validated
+    by each worker on arrival (unknown keys, wrong types and out-of-range values are refused)."""
 
-    max_seq: int = 2048
-    allreduce: str = "star"
-    window: int | None = None
-    retain_every: int = 0
-    trace: bool = False
-    read_delay_s: float = 0.0  # test hook: artificially slow disk
-    drop_cache: bool = True  # the window drops the page cache behind its reads; False: warm re-reads (the
+    max_seq: Int(1) = 2048  # positions the KV caches hold (a worker also bounds it by the model's context)
+    allreduce: Choice(*C.ALGOS) = "star"
+    window: OptInt(2) = None  # sliding window of resident blocks; None: every block resident
+    retain_every: Int(0) = 0
+    trace: Flag = False
+    drop_cache: Flag = True  # the window drops the page cache behind its reads; False: warm re-reads (the
                              # emulator with a modelled disk on a virtual clock: same times, less real time)
+    split_head: Flag = False  # --split-head: each rank computes its vocabulary slice's logits (split_head.py)
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def to_json(self) -> dict:
+        return self.model_dump()
 
 
 def set_blas_threads(n: int) -> None:
     """Limit BLAS threads in this process (N device processes on few cores must not oversubscribe)."""
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=max(1, n), user_api="blas")
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        pass
+    threadpool_limits(limits=max(1, n), user_api="blas")
 
 
-def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None,
-                disk_read_mbps: float | None = None) -> Device:
-    """This rank's Device. `clock` and `disk_read_mbps` (the emulated device's disk, megabits/s) come
-    from the emulator: with a window, a virtual clock or a modelled disk are handed to the scheduler
-    (`WindowSource(clock=, disk_read_mbps=)`), which charges each load bytes / bandwidth on the loader's
-    own timeline. Without them the scheduler reads at the host's speed in real time. `opts.drop_cache`
-    is passed to the scheduler as is."""
-
-    if opts.window:
-        disk = {}
-        if disk_read_mbps is not None or getattr(clock, "virtual", False):
-            disk = {"clock": clock, "disk_read_mbps": disk_read_mbps}
-        source = make_source(store, opts.window, opts.retain_every, read_delay_s=opts.read_delay_s,
-                             drop_cache=opts.drop_cache, **disk)
-    else:
-        source = make_source(store, None)
-    dev = Device(store, source, opts.max_seq, allreduce, clock)
+def make_device(store: TensorStore, opts: RunOptions, allreduce, env: DeviceEnv) -> Device:
+    """This rank's Device: the window scheduler (with env's clock and disk model, which charge each
+    load on the loader's own timeline) when opts asks for one, else resident weights."""
+    idle = store.layout.rank != 0 and not store.layout.shared_layers(store.cfg.num_hidden_layers)
+    window = None if idle else opts.window  # a worker holding no layer (all private) has nothing to stream
+    source = make_source(store, window, opts.retain_every, env, opts.drop_cache)
+    dev = Device(store, source, opts.max_seq, allreduce, env.clock)
     dev.timers.trace = opts.trace
     return dev
 
@@ -89,21 +90,21 @@ def make_device(store: TensorStore, opts: RunOptions, allreduce, clock=None,
 # worker side
 
 
-def rank_report(rank: int, dev: Device, opts: RunOptions) -> dict:
-    """What a rank tells the master: peak RSS, time split totals, trace events."""
-    return {"rank": rank, **dev.report(), "events": dev.timers.events if opts.trace else []}
-
-
-def worker_loop(group: Group, store: TensorStore, clock=None, disk_read_mbps: float | None = None) -> dict:
+def worker_loop(group: Group, store: TensorStore, env: DeviceEnv) -> RankReport:
     """Serve steps until the master says stop; returns this rank's report (also sent to the master).
     A "report" control message is answered with the report so far, and serving goes on."""
     master = group.channel(0)
     setup = master.recv_json(Kind.CONTROL)
     if setup.get("op") != "setup":
         raise TpiError(f"rank {group.rank}: expected a setup message from the master, got {setup.get('op')!r}")
-    opts = RunOptions(**setup["options"])
-    dev = make_device(store, opts, C.Collective(group, opts.allreduce), clock, disk_read_mbps)
+    opts = load(RunOptions, setup.get("options"), f"rank {group.rank}: setup from {master.peer}: options")
+    limit = store.cfg.max_position_embeddings + 1  # prompt + new tokens - 1 positions are ever fed
+    if opts.max_seq > limit:
+        raise TpiError(f"rank {group.rank}: setup from {master.peer}: options.max_seq: must be <= {limit} "
+                       f"(max_position_embeddings + 1), got {opts.max_seq}")
+    dev = make_device(store, opts, C.Collective(group, opts.allreduce), env)
     try:
+        head = HeadSlice.receive(master, store.cfg, group.rank, group.world_size) if opts.split_head else None
         while True:
             hdr, payload = master.recv_any((Kind.CONTROL, Kind.TENSOR))
             if hdr.kind == Kind.CONTROL:
@@ -111,22 +112,28 @@ def worker_loop(group: Group, store: TensorStore, clock=None, disk_read_mbps: fl
                 if op == "stop":
                     break
                 if op == "report":  # between generations (the emulator's per-run split)
-                    master.send_json(Kind.CONTROL, {"op": "report", **rank_report(group.rank, dev, opts)})
+                    master.send_json(Kind.CONTROL, {"op": "report", **dev.report(group.rank).to_json()})
                     continue
                 raise TpiError(f"rank {group.rank}: unexpected control message {op!r} from the master")
+            if not dev.layer_ids:
+                raise TpiError(f"rank {group.rank}: a step from the master, but every layer is private to it")
             positions = payload.reshape(-1)  # [T] int64: positions only, never token ids
             x = C.broadcast(group, None, root=0)  # [T, D] hidden states
-            dev.layers(x, int(positions[0]))
-        report = rank_report(group.rank, dev, opts)
-        master.send_json(Kind.CONTROL, {"op": "report", **report})
+            x = dev.layers(x, int(positions[0]))
+            if head is not None:  # --split-head: this slice's logits at the last position
+                master.send_array(Kind.TENSOR, split_head.timed(dev, head, x))
+        report = dev.report(group.rank)
+        master.send_json(Kind.CONTROL, {"op": "report", **report.to_json()})
         return report
     finally:
         dev.close()
 
 
 def run_worker(rank: int, master_addr: str, shard_dir: str, secret: bytes | None, timeout_s: float,
-               blas_threads: int | None = None, link_hook=None, clock=None,
-               disk_read_mbps: float | None = None) -> dict:
+               blas_threads: int | None = None, env: DeviceEnv | None = None) -> RankReport:
+    """Join the master at `master_addr` as `rank` with the shard in `shard_dir`, and serve until stopped.
+    env: this device's clock, disk model and link hook (default: the real world)."""
+    env = env or DeviceEnv()
     if blas_threads:
         set_blas_threads(blas_threads)
     store = TensorStore.from_shard_dir(shard_dir)
@@ -135,22 +142,22 @@ def run_worker(rank: int, master_addr: str, shard_dir: str, secret: bytes | None
     store.check()
     group = Group.worker(rank, master_addr, world_size=store.layout.world_size, secret=secret,
                          fingerprint=store.fingerprint, timeout_s=timeout_s)
-    if link_hook is not None:
-        group.link_hook = link_hook
+    group.link_hook = env.link_hook
     try:
-        return worker_loop(group, store, clock, disk_read_mbps)
+        return worker_loop(group, store, env)
     finally:
         group.close()
 
 
 def _local_worker_main(rank: int, master_addr: str, shard_dir: str, secret: bytes, timeout_s: float,
                        blas_threads: int) -> None:
-    """Entry of a locally spawned worker process: errors go to stderr as one line, exit code 2."""
+    """Entry of a locally spawned worker process: an error is one line (to the master while the group
+    forms, which prints it and ends the run at once; to stderr after), exit code 2."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master handles Ctrl-C and reaps us
     try:
         run_worker(rank, master_addr, shard_dir, secret, timeout_s, blas_threads)
     except TpiError as e:
-        print(f"error: rank {rank}: {e}", file=sys.stderr)
+        report_failure(f"rank {rank}: {e}")
         os._exit(2)
     os._exit(0)
 
@@ -159,86 +166,89 @@ def _local_worker_main(rank: int, master_addr: str, shard_dir: str, secret: byte
 # master side
 
 
-class LocalWorkers:
-    """N-1 worker processes on this host; terminated and reaped on close, whatever happened."""
-
-    def __init__(self) -> None:
-        self.procs: list = []
-
-    def start(self, target, args_per_rank: dict[int, tuple]) -> None:
-        import multiprocess as mp
-
-        ctx = mp.get_context("fork")
-        for rank, args in args_per_rank.items():
-            p = ctx.Process(target=target, args=args, name=f"tpi-rank-{rank}", daemon=True)
-            p.start()
-            self.procs.append(p)
-
-    def dead(self) -> list[tuple[int, int]]:
-        return [(int(p.name.rsplit("-", 1)[1]), p.exitcode) for p in self.procs if p.exitcode not in (None, 0)]
-
-    def close(self, grace_s: float = 5.0) -> None:
-        deadline = time.monotonic() + grace_s
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join(2.0)
-        self.procs = []
-
-
 class Master:
-    """Rank 0: owns the group, its own shard, the embedding and the LM head."""
+    """Rank 0: owns the group, its own shard, the embedding and the LM head. env: this device's clock,
+    disk model and link hook (default: the real world; a link hook, if any, is installed on the group)."""
 
-    def __init__(self, group: Group, store: TensorStore, opts: RunOptions, clock=None,
-                 disk_read_mbps: float | None = None) -> None:
+    def __init__(self, group: Group, store: TensorStore, opts: RunOptions, env: DeviceEnv | None = None) -> None:
+        env = env or DeviceEnv()
         self.group, self.store, self.opts = group, store, opts
         self.cfg = store.cfg
+        if env.link_hook is not None:
+            group.link_hook = env.link_hook
+        if opts.split_head:
+            split_head.check_split_head(opts.window, len(store.layout.shared_layers(self.cfg.num_hidden_layers)))
         for r in range(1, group.world_size):
             group.channel(r).send_json(Kind.CONTROL, {"op": "setup", "options": opts.to_json()})
-        self.device = make_device(store, opts, C.Collective(group, opts.allreduce), clock, disk_read_mbps)
-        self.step_times: list[dict[str, float]] = []
-        self.reports: list[dict] = []
+        self.device = make_device(store, opts, C.Collective(group, opts.allreduce), env)
+        self.head = self._split_head() if opts.split_head else None
+        self.step_times: list[TimeSplit] = []
+        self.reports: list[RankReport] = []
+
+    def _split_head(self) -> HeadSlice:
+        """--split-head: send each worker its head rows and the final norm; keep rank 0's slice."""
+        w = self.device.source.acquire(("post", -1))  # resident: {"norm": [D], "lm_head": [V, D]}
+        ranges = split_head.vocab_ranges(self.cfg.vocab_size, self.group.world_size)
+        for r in range(1, self.group.world_size):
+            split_head.send_head(self.group.channel(r), w["norm"], w["lm_head"][ranges[r][0]:ranges[r][1]])
+        head = HeadSlice(self.cfg, w["norm"], w["lm_head"][ranges[0][0]:ranges[0][1]], ranges[0][0])
+        self.device.source.release(("post", -1))
+        return head
 
     def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
-        """ids [T] -> logits [T or 1, V]; only positions and hidden states go to the workers."""
+        """ids [T] -> logits [T or 1, V]; only positions and hidden states after the private layers go
+        to the workers (nothing at all when every layer is private)."""
         dev, t = self.device, self.device.timers
         before = t.snapshot()
         x = dev.embed(ids)  # [T] -> [T, D]
-        positions = np.arange(pos, pos + len(ids), dtype=np.int64)  # [T]
-        t0 = dev.clock.now()
-        for r in range(1, self.group.world_size):  # broadcast positions, then hidden states
-            self.group.channel(r).send_array(Kind.TENSOR, positions)
-        C.broadcast(self.group, x, root=0)
-        t.comm_s += dev.clock.now() - t0
-        x = dev.layers(x, pos)
-        logits = dev.head(x if all_logits else x[-1:])
-        after = t.snapshot()
-        self.step_times.append({k: after[k] - before[k] for k in after})
+        shared = self.store.layout.shared_layers(self.cfg.num_hidden_layers)
+        x = dev.layers(x, pos, range(shared.start))  # private layers 0..K-1, here alone: [T, D] -> [T, D]
+        if shared:
+            positions = np.arange(pos, pos + len(ids), dtype=np.int64)  # [T]
+            t0 = dev.clock.now()
+            for r in range(1, self.group.world_size):  # broadcast positions, then hidden states
+                self.group.channel(r).send_array(Kind.TENSOR, positions)
+            C.broadcast(self.group, x, root=0)
+            t.comm_s += dev.clock.now() - t0
+            x = dev.layers(x, pos, shared)
+        if self.head is not None and shared:  # every rank's vocabulary slice, gathered here
+            logits = split_head.gather_logits(dev, self.head, [self.group.channel(r) for r in
+                                                               range(1, self.group.world_size)], x)
+            if all_logits and len(ids) > 1:  # every position's logits: the master's own whole head
+                logits = dev.head(x)
+        else:
+            logits = dev.head(x if all_logits else x[-1:])
+        self.step_times.append(t.snapshot() - before)
         return logits
 
-    def finish(self) -> list[dict]:
-        """Stop the workers and collect their reports (peak RSS, time split, trace events)."""
+    def finish(self) -> list[RankReport]:
+        """Stop the workers and collect their reports (peak RSS, time split, window, trace events)."""
         self.reports = self._gather("stop")
         return self.reports
 
-    def collect(self) -> list[dict]:
-        """Every rank's report so far, the workers still serving (totals: diff two for one run)."""
+    def collect(self) -> list[RankReport]:
+        """Every rank's report so far, the workers still serving (totals: RankReport.since for one run)."""
         return self._gather("report")
 
-    def _gather(self, op: str) -> list[dict]:
+    def _gather(self, op: str) -> list[RankReport]:
         for r in range(1, self.group.world_size):
             self.group.channel(r).send_json(Kind.CONTROL, {"op": op})
-        reports = [{**rank_report(0, self.device, self.opts), "events": self.device.timers.events}]
+        reports = [self.device.report(0)]
         for r in range(1, self.group.world_size):
-            msg = self.group.channel(r).recv_json(Kind.CONTROL)
-            msg.pop("op", None)
-            reports.append(msg)
+            ch = self.group.channel(r)
+            reports.append(RankReport.from_json(ch.recv_json(Kind.CONTROL), ch.peer))
         return reports
 
     def close(self) -> None:
         self.device.close()
+
+
+def stop_listening(listener: socket.socket) -> None:
+    """Wake and end a rendezvous waiting on `listener` (its accept fails at once)."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def read_secret(path: str | None) -> bytes | None:
@@ -254,37 +264,54 @@ def read_secret(path: str | None) -> bytes | None:
     return secret
 
 
-def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+def plan_ratios(opts: GenerateOptions) -> list[float]:
+    """--ratios: numbers as given, 'equal', or 'balanced' (model.split.balanced_ratios: the master, which
+    also runs the LM head, gets fewer heads and FFN columns); not given: DEFAULT_PLACEMENT."""
+    n = opts.devices
+    text = (opts.ratios or DEFAULT_PLACEMENT).strip()
+    if text != "balanced":
+        return parse_ratios(text, n)
+    if not opts.model or not os.path.exists(opts.model):  # a missing model: cached_shards says so
+        return parse_ratios(None, n)
+    cfg = GGUFCheckpoint(opts.model).cfg if is_gguf_path(opts.model) else ModelConfig.from_dir(opts.model)
+    return balanced_ratios(cfg, n, opts.private_layers or 0)
 
 
-def shard_dirs_for(args: argparse.Namespace, world_size: int) -> list[str]:
-    if args.shards:
-        dirs = [os.path.join(args.shards, f"rank-{r}") for r in range(world_size)]
+def shard_dirs_for(opts: GenerateOptions) -> list[str]:
+    n = opts.devices
+    if opts.shards:
+        dirs = [os.path.join(opts.shards, f"rank-{r}") for r in range(n)]
         if not os.path.isdir(dirs[0]):
             raise TpiError(f"--shards: {dirs[0]} not found (expected the output folder of `tpi shard`)")
         return dirs
-
-    return cached_shards(args.model, world_size, parse_ratios(args.ratios, world_size))
+    return cached_shards(opts.model, n, plan_ratios(opts), private_layers=opts.private_layers or 0)
 
 
 class ParallelSession:
     """`tpi generate --devices N`: the master here, workers spawned locally or joining over TCP."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        n = args.devices
+    def __init__(self, opts: GenerateOptions) -> None:
+        self.opts = opts
+        n = opts.devices
         if n < 1:
             raise TpiError(f"--devices: expected >= 1, got {n}")
-        self.timeout_s = args.timeout_s
-        self.dirs = shard_dirs_for(args, n) if not args.listen else None
-        master_dir = self.dirs[0] if self.dirs else os.path.join(args.shards, "rank-0") if args.shards else None
-        if args.listen and not args.shards:
-
-            master_dir = cached_shards(args.model, n, parse_ratios(args.ratios, n))[0]
+        if opts.private_layers is not None and opts.model and os.path.isdir(opts.model):  # before any sharding
+            check_private_layers(opts.private_layers, ModelConfig.from_dir(opts.model))
+        self.dirs = shard_dirs_for(opts) if not opts.listen else None
+        if self.dirs:
+            master_dir = self.dirs[0]
+        elif opts.shards:
+            master_dir = os.path.join(opts.shards, "rank-0")
+        else:  # --listen with --model: this host shards (cached) and serves rank 0
+            master_dir = cached_shards(opts.model, n, plan_ratios(opts),
+                                       private_layers=opts.private_layers or 0)[0]
         self.store = TensorStore.from_shard_dir(master_dir)
         if self.store.layout.world_size != n:
             raise TpiError(f"{master_dir}: shards are for {self.store.layout.world_size} devices, not --devices {n}")
+        k = self.store.layout.private_layers
+        if opts.private_layers is not None and opts.private_layers != k:
+            raise TpiError(f"{master_dir}: shards were written with --private-layers {k}, not {opts.private_layers} "
+                           "(re-run tpi shard with --private-layers, or leave the flag out)")
         self.store.check()
         self.cfg = self.store.cfg
         self.tokenizer_dir = master_dir
@@ -293,8 +320,8 @@ class ParallelSession:
         self.group: Group | None = None
 
     @classmethod
-    def open(cls, args: argparse.Namespace) -> "ParallelSession":
-        return cls(args)
+    def open(cls, opts: GenerateOptions) -> "ParallelSession":
+        return cls(opts)
 
     def __enter__(self) -> "ParallelSession":
         return self
@@ -303,12 +330,12 @@ class ParallelSession:
         self.close(failed=exc_type is not None)
 
     def prepare(self, max_seq: int) -> None:
-        a, n = self.args, self.args.devices
-        if a.listen:
-            host, _, port = a.listen.rpartition(":")
+        o, n = self.opts, self.opts.devices
+        if o.listen:
+            host, _, port = o.listen.rpartition(":")
             if not host or not port.isdigit():
-                raise TpiError(f"--listen: expected HOST:PORT, got {a.listen!r}")
-            secret = read_secret(a.secret_file)
+                raise TpiError(f"--listen: expected HOST:PORT, got {o.listen!r}")
+            secret = read_secret(o.secret_file)
             if not is_loopback(host) and secret is None:
                 raise TpiError("--listen on a non-loopback address needs --secret-file (workers must authenticate)")
             listener = open_listener(host, int(port))
@@ -319,42 +346,42 @@ class ParallelSession:
             blas = max(1, (os.cpu_count() or 1) // n)
             set_blas_threads(blas)
             self.workers.start(_local_worker_main, {
-                r: (r, addr, self.dirs[r], secret, self.timeout_s, blas) for r in range(1, n)})
+                r: (r, addr, self.dirs[r], secret, o.timeout_s, blas) for r in range(1, n)})
+            self.workers.watch(lambda: stop_listening(listener))  # a worker failing at start-up ends the wait
         try:
-            self.group = Group.master(n, secret=secret, fingerprint=self.store.fingerprint, timeout_s=self.timeout_s,
-                                      listener=listener, mesh=a.allreduce != "star")
+            self.group = Group.master(n, secret=secret, fingerprint=self.store.fingerprint, timeout_s=o.timeout_s,
+                                      listener=listener, mesh=o.allreduce != "star")
         except TpiError as e:
+            failure = self.workers.startup_failure() if self.workers.procs else None
+            if failure:  # the worker's own line, naming its rank: the cause, not the master's wait
+                raise TpiError(failure) from None
             dead = self.workers.dead()
             if dead:
                 raise TpiError(f"rank {dead[0][0]} exited with code {dead[0][1]} before joining ({e})") from None
             raise
-        opts = RunOptions(max_seq=max_seq, allreduce=a.allreduce, window=None if a.no_window else a.window,
-                          retain_every=a.retain_every, trace=bool(a.trace))
+        self.workers.formed()
+        opts = RunOptions(max_seq=max_seq, allreduce=o.allreduce, window=o.window, retain_every=o.retain_every,
+                          trace=o.trace, split_head=o.split_head)
         self.master = Master(self.group, self.store, opts)
 
     def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
         return self.master.step(ids, pos, all_logits)
 
     def report(self) -> dict:
+        """The `tpi generate --json` fields of N devices: per rank and per token time splits."""
         reports = self.master.finish()
-        steps = self.master.step_times
         return {
-            "devices": self.args.devices, "allreduce": self.args.allreduce,
-            "per_rank": [{"rank": r["rank"], "peak_rss_bytes": r["peak_rss_bytes"],
-                          "page_cache_bytes": r["memory"].get("page_cache_bytes", 0), **r["timers"],
-                          "window": r.get("window", {})} for r in reports],
-            "per_token": steps,
+            "devices": self.opts.devices, "allreduce": self.opts.allreduce,
+            "per_rank": [{"rank": r.rank, "peak_rss_bytes": r.peak_rss_bytes, "page_cache_bytes": r.page_cache_bytes,
+                          **r.time_split.to_json(), "window": r.window.to_json() if r.window is not None else {}}
+                         for r in reports],
+            "per_token": [s.to_json() for s in self.master.step_times],
         }
 
     def write_trace(self, path: str) -> None:
-
         reports = self.master.reports or self.master.finish()
-        per_rank = {}
-        for r in reports:
-            t = Timers()
-            t.events = [tuple(e) for e in r.get("events", [])]
-            per_rank[r["rank"]] = t
-        starts = [e[2] for t in per_rank.values() for e in t.events]
+        per_rank = {r.rank: r.trace for r in reports}
+        starts = [e.start_s for r in reports for e in r.trace]
         write_trace(path, per_rank, min(starts) if starts else 0.0)
 
     def close(self, failed: bool = False) -> None:
@@ -373,28 +400,20 @@ class ParallelSession:
 
 
 # ------------------------------------------------------------------------------------------------
-# `tpi worker`
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------
 # programmatic use (tests, benchmarks, the emulator)
 
 
 def run_local(world_size: int, prompt_ids: list[int], max_new_tokens: int, *, model: str | None = None,
               shards: str | None = None, ratios: str | None = None, allreduce: str = "star",
-              window: int | None = None, retain_every: int = 0, timeout_s: float = 30.0,
-              keep_logits: bool = False, sampling=None):
+              window: int | None = None, retain_every: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
+              keep_logits: bool = False, sampling: Sampling | None = None, private_layers: int | None = None,
+              split_head: bool = False):
     """Generate with `world_size` local processes; returns (Generation, session report)."""
-
-    args = argparse.Namespace(devices=world_size, model=model, shards=shards, ratios=ratios, allreduce=allreduce,
-                              listen=None, secret_file=None, timeout_s=timeout_s, window=window,
-                              no_window=window is None, retain_every=retain_every, trace=None)
-    with ParallelSession(args) as s:
-        s.prepare(max_seq=len(prompt_ids) + max_new_tokens)
-        gen = generate(s.step, prompt_ids, max_new_tokens, sampling or Sampling(), (), len(prompt_ids) + max_new_tokens,
-                       keep_logits=keep_logits)
+    opts = GenerateOptions(model=model, shards=shards, devices=world_size, ratios=ratios, allreduce=allreduce,
+                           timeout_s=timeout_s, window=window, retain_every=retain_every,
+                           private_layers=private_layers, split_head=split_head)
+    max_seq = len(prompt_ids) + max_new_tokens
+    with ParallelSession(opts) as s:
+        s.prepare(max_seq=max_seq)
+        gen = generate(s.step, prompt_ids, max_new_tokens, sampling or Sampling(), (), max_seq, keep_logits=keep_logits)
         return gen, s.report()

@@ -1,14 +1,16 @@
 """One device's share of the forward pass: weight sources, KV caches, timing, and the block loop.
 
-Owns the per-device runtime state (caches, counters) and the order in which blocks run:
-Pre (embedding, master only), Attn_l and FFN_l for every layer, Post (final norm + LM head, master
-only). Weights come from a `BlockSource` (all resident, or the sliding-window scheduler); the math
-comes from tpicore.model; the collective is passed in. Must not open sockets or spawn processes.
+Layer: runtime. Owns the per-device runtime state (caches, counters), the `BlockSource` protocol every
+weight source implements, and the order in which blocks run: Pre (embedding, master only), Attn_l and
+FFN_l for every layer, Post (final norm + LM head, master only). Weights come from a BlockSource (all
+resident here; the sliding window in tpicore.runtime.window; on-demand reads in
+tpicore.runtime.ondemand); the math comes from tpicore.model; the collective and the clock are passed
+in. Must not open sockets or spawn processes.
 """
 
 from __future__ import annotations
 
-import time
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -17,79 +19,101 @@ import numpy as np
 from tpicore.errors import TpiError
 from tpicore.model import llama as M
 from tpicore.model.split import Block
+from tpicore.runtime.env import Clock, WallClock
 from tpicore.runtime.memory import memory_report
+from tpicore.runtime.report import RankReport, TimeSplit, TraceEvent
+from tpicore.runtime.window_stats import WindowStats
+from tpicore.weights.packed import load_resident
+from tpicore.weights.reader import BlockReader
 from tpicore.weights.store import TensorStore, head_row_ranges
 
 
-class BlockSource(Protocol):
-    def acquire(self, block: Block) -> dict[str, np.ndarray]: ...
-    def release(self, block: Block) -> None: ...
-    def close(self) -> None: ...
-
-
-class ResidentSource:
-    """Every block stays in memory after first use (no scheduler)."""
-
-    def __init__(self, store: TensorStore) -> None:
-        self.store = store
-        self.cache: dict[Block, dict[str, np.ndarray]] = {}
-
-    def acquire(self, block: Block) -> dict[str, np.ndarray]:
-        w = self.cache.get(block)
-        if w is None:
-            w = self.cache[block] = {leaf: self.store.load(name) for leaf, name in self.store.leaves(block).items()}
-        return w
-
-    def release(self, block: Block) -> None:
-        pass
-
-    def close(self) -> None:
-        self.cache.clear()
+def block_name(block: Block) -> str:
+    """ "attn3", "ffn0", "post2"; "pre" and "post" (the whole head) without an index."""
+    kind, i = block
+    return kind if i < 0 else f"{kind}{i}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Time accounting
 
 
-class Clock(Protocol):
-    def now(self) -> float: ...
-    def begin_compute(self) -> None: ...
-    def end_compute(self) -> None: ...
-
-
-class WallClock:
-    """Real time; compute sections need no bookkeeping."""
-
-    def now(self) -> float:
-        return time.perf_counter()
-
-    def begin_compute(self) -> None:
-        pass
-
-    def end_compute(self) -> None:
-        pass
-
-
 @dataclass
 class Timers:
-    """Per-device time split (seconds). compute excludes the allreduce time spent inside blocks."""
+    """Per-device time split (seconds) and counters; compute excludes the allreduce time spent inside
+    blocks. The load counters and `window` are booked by the weight source (zero / None without one
+    that reads from disk)."""
 
     compute_s: float = 0.0
     comm_s: float = 0.0
     load_s: float = 0.0
     stall_s: float = 0.0
-    events: list = field(default_factory=list)  # (name, category, start_s, duration_s) when tracing
+    events: list[TraceEvent] = field(default_factory=list)  # when tracing
     trace: bool = False
-    # booked by the window scheduler (tpicore.scheduler); zero without it
     loads: int = 0  # blocks read from disk
     loaded_bytes: int = 0  # bytes read from disk (stored dtype)
     stalls: int = 0  # acquires that found their block not loaded yet
-    window: dict = field(default_factory=dict)  # per-block averages, per-step split, first stall, steady conditions
+    window: WindowStats | None = None  # the window scheduler's statistics (live)
 
-    def snapshot(self) -> dict[str, float]:
-        """Flat numeric totals (callers subtract two snapshots); details are in `window`."""
-        return {"compute_s": self.compute_s, "comm_s": self.comm_s, "load_s": self.load_s, "stall_s": self.stall_s,
-                "loads": self.loads, "loaded_bytes": self.loaded_bytes, "stalls": self.stalls}
+    def snapshot(self) -> TimeSplit:
+        """The totals so far (subtract two snapshots for one span); details are in `window`."""
+        return TimeSplit(self.compute_s, self.comm_s, self.load_s, self.stall_s, self.loads, self.loaded_bytes,
+                         self.stalls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sources
+
+
+class BlockSource(Protocol):
+    """Where a Device gets each block's weights. acquire/release bracket one use of a block, in the
+    Device's block order; the arrays are valid until the release."""
+
+    streams_head: bool  # True: the LM head comes as ("post", c) vocabulary chunks, else as ("post", -1)
+
+    def attach(self, timers: Timers) -> None:
+        """Book loads, stalls and trace events into the Device's timers (called once, by Device)."""
+    def acquire(self, block: Block) -> dict[str, np.ndarray]: ...
+    def release(self, block: Block) -> None: ...
+    def embed_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows of the tokens at hand: [T] -> [T, D] (master only)."""
+    def close(self) -> None: ...
+
+
+class ResidentSource:
+    """Every block stays in memory after first use (no scheduler); the page cache is left alone."""
+
+    streams_head = False
+
+    def __init__(self, store: TensorStore, dequantize_at_load: bool = False) -> None:
+        self.store = store
+        self.cache: dict[Block, dict[str, np.ndarray]] = {}
+        self.reader = BlockReader(drop_cache=False)
+        self.dequantize_at_load = dequantize_at_load  # ggml weights: float32 at load, else kept quantized
+
+    def attach(self, timers: Timers) -> None:
+        pass  # nothing is loaded from disk after the first use: no loads to book
+
+    def acquire(self, block: Block) -> dict[str, np.ndarray]:
+        w = self.cache.get(block)
+        if w is None:
+            w = self.cache[block] = {leaf: self._load(name) for leaf, name in self.store.leaves(block).items()}
+        return w
+
+    def _load(self, name: str) -> np.ndarray:
+        """A weight: ggml blocks stay quantized (weights.packed.QuantMatrix), the rest float32."""
+        packed = load_resident(self.store.ckpt.info(name), self.dequantize_at_load)
+        return self.store.load(name) if packed is None else packed  # type: ignore[return-value]
+
+    def release(self, block: Block) -> None:
+        pass
+
+    def embed_rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.store.embed_rows(ids, self.reader)
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.reader.close()
 
 
 class Device:
@@ -102,12 +126,17 @@ class Device:
         self.max_seq = max_seq
         self.clock = clock or WallClock()
         self.timers = Timers()
-        if hasattr(source, "attach"):  # the window scheduler books loads, stalls and trace events here
-            source.attach(self.timers)
+        source.attach(self.timers)
         self._allreduce = allreduce
-        # the layers this device runs: all of them (tensor parallel), or a pipeline stage's range
-        self.layer_ids = layer_ids if layer_ids is not None else range(self.cfg.num_hidden_layers)
-        self.caches = {layer: M.KVCache(store.layout.n_kv_heads, max_seq, self.cfg.head_dim)
+        # the layers this device runs: all of them on the master (tensor parallel), a worker's shared
+        # layers (K.. with K private layers, which it holds nothing of), or a pipeline stage's range
+        layout = store.layout
+        if layer_ids is None:
+            layer_ids = range(self.cfg.num_hidden_layers) if layout.rank == 0 else \
+                layout.shared_layers(self.cfg.num_hidden_layers)
+        self.layer_ids = layer_ids
+        rope = M.Rope()  # one step's RoPE tables, shared by every layer
+        self.caches = {layer: M.KVCache(layout.at(layer, self.cfg).n_kv_heads, max_seq, self.cfg.head_dim, rope)
                        for layer in self.layer_ids}
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
@@ -119,7 +148,7 @@ class Device:
         dt = clock.now() - t0
         t.comm_s += dt
         if t.trace:
-            t.events.append(("allreduce", "comm", t0, dt))
+            t.events.append(TraceEvent("allreduce", "comm", t0, dt))
         clock.begin_compute()
         return y
 
@@ -134,19 +163,21 @@ class Device:
         dt = clock.now() - t0
         t.compute_s += dt - (t.comm_s - comm_before)
         if t.trace:
-            t.events.append((f"{block[0]}{'' if block[1] < 0 else block[1]}", "compute", t0, dt))
+            t.events.append(TraceEvent(block_name(block), "compute", t0, dt))
         self.source.release(block)
         return y
 
-    def layers(self, x: np.ndarray, pos: int) -> np.ndarray:
-        """All decoder layers over hidden states x [T, D] at positions pos..pos+T-1."""
+    def layers(self, x: np.ndarray, pos: int, layer_ids: range | None = None) -> np.ndarray:
+        """Decoder layers over hidden states x [T, D] at positions pos..pos+T-1: this device's layers, or
+        `layer_ids` of them. A private layer (Layout.private) runs here alone, with the identity allreduce."""
         if pos + x.shape[0] > self.max_seq:
             raise TpiError(f"context: {pos + x.shape[0]} positions exceed the maximum of {self.max_seq}")
-        cfg = self.cfg
-        for layer in self.layer_ids:
+        cfg, layout = self.cfg, self.store.layout
+        for layer in self.layer_ids if layer_ids is None else layer_ids:
             kv = self.caches[layer]
-            x = self._run(("attn", layer), lambda w: M.attn_block(x, w, cfg, kv, pos, self.allreduce))
-            x = self._run(("ffn", layer), lambda w: M.ffn_block(x, w, cfg, self.allreduce))
+            ar = M.identity if layout.private(layer) or self._allreduce is M.identity else self.allreduce
+            x = self._run(("attn", layer), lambda w: M.attn_block(x, w, cfg, kv, pos, ar))
+            x = self._run(("ffn", layer), lambda w: M.ffn_block(x, w, cfg, ar))
         return x
 
     # master only -------------------------------------------------------------------------------
@@ -154,8 +185,7 @@ class Device:
         self.source.acquire(("pre", -1))
         t0 = self.clock.now()
         self.clock.begin_compute()
-        rows = getattr(self.source, "embed_rows", None) or self.store.embed_rows  # the window reads past the page cache
-        x = rows(ids)  # [T] -> [T, D]: only these rows of the table are read
+        x = self.source.embed_rows(ids)  # [T] -> [T, D]: only these rows of the table are read
         self.clock.end_compute()
         self.timers.compute_s += self.clock.now() - t0
         self.source.release(("pre", -1))
@@ -176,10 +206,10 @@ class Device:
         def chunk(w: dict[str, np.ndarray], lo: int, hi: int, rows: np.ndarray) -> np.ndarray:
             if not normed:
                 normed.append(M.rms_norm(x, w["norm"], self.cfg.rms_norm_eps))  # [T, D]
-            out[:, lo:hi] = M.linear(normed[0], rows)  # [T, D] @ [hi-lo, D].T -> [T, hi-lo]
+            M.linear(normed[0], rows, out=out[:, lo:hi])  # [T, D] @ [hi-lo, D].T -> [T, hi-lo], in place
             return out
 
-        if getattr(self.source, "streams_head", False):
+        if self.source.streams_head:
             for c, (lo, hi) in enumerate(ranges):
                 self._run(("post", c), lambda w: chunk(w, lo, hi, w["lm_head"]))
         else:
@@ -191,13 +221,14 @@ class Device:
         x = self.layers(self.embed(ids), pos)
         return self.head(x if all_logits else x[-1:])
 
-    def report(self) -> dict:
-        """Peak RSS, page cache held by this device's weight files (reported apart), time split, and
-        the window scheduler's per-block averages / steady-condition checks (empty without it)."""
+    def report(self, rank: int) -> RankReport:
+        """A snapshot of this device as rank `rank`: peak RSS, page cache held by its weight files
+        (reported apart), time split, the window's statistics (None without it), trace events."""
         files = sorted({info.path for info in self.store.ckpt.tensors.values()})
         mem = memory_report(files)
-        return {"peak_rss_bytes": mem["peak_rss_bytes"], "memory": mem, "timers": self.timers.snapshot(),
-                "window": self.timers.window}
+        t = self.timers
+        return RankReport(rank, mem["peak_rss_bytes"], mem["page_cache_bytes"], mem, t.snapshot(),
+                          copy.deepcopy(t.window), list(t.events))
 
     def close(self) -> None:
         self.source.close()

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import resource
 from typing import Iterable
 
 import numpy as np
@@ -41,24 +42,12 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     """High-water mark of the resident set (VmHWM); falls back to getrusage for this process."""
     v = proc_status(pid).get("peak_rss_bytes")
     if v is None and pid == "self":
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return v or 0
 
 
 def rss_bytes(pid: int | str = "self") -> int:
     return proc_status(pid).get("rss_bytes", 0)
-
-
-def reset_peak() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0), to measure the peak of one phase."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 _libc = None

@@ -1,4 +1,4 @@
-"""Layer 4, tools: programs that write or inspect model folders (shard, synth, planner).
+"""Layer 4, tools: programs that write or inspect model folders (shard.py, synth/, predictor.py, gguf_synth.py).
 
 Imports model, weights and runtime; must not import comm, dist or cli.
 """

@@ -16,6 +16,14 @@ from typing import Iterable
 import numpy as np
 
 from tpicore.errors import TpiError
+from tpicore.weights.quant import (
+    BLOCK_TAGS,
+    GGML_TYPES,
+    dequantize,
+    hf_row_order,
+    is_block_quantized,
+    logical_shape,
+)
 
 # safetensors dtype tag -> (numpy storage dtype, bytes per element)
 DTYPES: dict[str, np.dtype] = {
@@ -27,6 +35,7 @@ DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+GGML_TYPES_KEY = "tpicore.ggml_types"  # safetensors __metadata__ key: which U8 tensors are ggml blocks
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
+    # GGUF q/k projections: rows stored in llama.cpp's RoPE-pair order for this many heads (0: HF order)
+    llama_cpp_heads: int = 0
 
     @property
     def itemsize(self) -> int:
@@ -70,8 +81,10 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
             continue
         try:
             dtype, shape, (start, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+            if not all(type(v) is int for v in (start, end, *meta["shape"])) or min(shape, default=0) < 0:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise TpiError(f"{path}: tensor {name!r}: malformed header entry {meta!r}") from None
+            raise TpiError(f"{path}: tensor {name!r}: malformed header entry {str(meta)[:200]}") from None
         if dtype not in DTYPES:
             raise TpiError(f"{path}: tensor {name!r}: unsupported dtype {dtype} (expected one of F32, F16, BF16)")
         nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
@@ -80,7 +93,43 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
         if base + end > size:
             raise TpiError(f"{path}: tensor {name!r}: truncated file (needs {base + end} bytes, has {size})")
         out[name] = TensorInfo(name, path, dtype, shape, base + start, nbytes)
-    return out
+    check_disjoint(path, out.values())
+    return ggml_retyped(out, header.get("__metadata__"), path)
+
+
+def check_disjoint(path: str, infos: Iterable[TensorInfo]) -> None:
+    """Refuse two tensors whose byte ranges overlap (writing one would change the other's weights)."""
+    prev: TensorInfo | None = None
+    for info in sorted((i for i in infos if i.nbytes), key=lambda i: (i.offset, i.name)):
+        if prev is not None and info.offset < prev.offset + prev.nbytes:
+            raise TpiError(f"{path}: tensor {info.name!r}: byte range overlaps tensor {prev.name!r} "
+                           f"({info.offset} < {prev.offset + prev.nbytes}); the file is corrupt")
+        if prev is None or info.offset + info.nbytes > prev.offset + prev.nbytes:
+            prev = info
+
+
+def ggml_retyped(infos: dict[str, TensorInfo], metadata: object, path: str) -> dict[str, TensorInfo]:
+    """Our shard files store block-quantized slices as U8 [rows, row_bytes]; their `__metadata__` names the
+    ggml type of each (GGML_TYPES_KEY: JSON {tensor: tag}). Those entries become the quantized tensor they
+    hold ([rows, cols], the ggml tag), so every reader sees the same TensorInfo as for the GGUF file."""
+    if not isinstance(metadata, dict) or GGML_TYPES_KEY not in metadata:
+        return infos
+    try:
+        types = json.loads(metadata[GGML_TYPES_KEY])
+    except (TypeError, json.JSONDecodeError):
+        types = None
+    if not isinstance(types, dict):
+        raise TpiError(f"{path}: __metadata__ {GGML_TYPES_KEY!r}: expected a JSON object of tensor -> ggml type")
+    for name, tag in types.items():
+        info = infos.get(name)
+        if info is None or info.dtype != "U8" or tag not in BLOCK_TAGS:
+            raise TpiError(f"{path}: tensor {name!r}: __metadata__ says ggml type {tag!r}, but the file holds "
+                           f"{info.dtype if info else 'no such tensor'} (expected U8 blocks of a quantized type)")
+        shape = logical_shape(tag, info.shape)
+        if shape is None:
+            raise TpiError(f"{path}: tensor {name!r}: {list(info.shape)} U8 is not whole {tag} blocks per row")
+        infos[name] = TensorInfo(name, path, tag, shape, info.offset, info.nbytes)
+    return infos
 
 
 def bf16_bits_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -92,8 +141,22 @@ def bf16_bits_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndar
     return out
 
 
+def stored_layout(info: TensorInfo) -> tuple[np.dtype, tuple[int, ...]]:
+    """numpy dtype and shape of the stored array: the tensor's own, or uint8 [..., row_bytes] of ggml blocks."""
+    if is_block_quantized(info.dtype):
+        return np.dtype(np.uint8), info.shape[:-1] + (GGML_TYPES[info.dtype].row_nbytes(info.shape[-1]),)
+    return DTYPES[info.dtype], info.shape
+
+
+def rows_in_hf_order(info: TensorInfo, stored: np.ndarray) -> np.ndarray:
+    """The stored rows in HF order: a gathered copy for GGUF q/k projections, else `stored` itself."""
+    return stored[hf_row_order(info.shape[0], info.llama_cpp_heads)] if info.llama_cpp_heads else stored
+
+
 def to_f32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
     """Convert stored elements (any supported tag) to a float32 array (a new one unless `out` given)."""
+    if is_block_quantized(dtype):  # GGUF blocks: uint8 [..., row_bytes] -> [..., cols]
+        return dequantize(raw, dtype, out)
     if dtype == "BF16":
         return bf16_bits_to_f32(raw, out)
     if out is None:
@@ -153,43 +216,13 @@ class Checkpoint:
         mm = self._maps.get(info.path)
         if mm is None:
             mm = self._maps[info.path] = np.memmap(info.path, dtype=np.uint8, mode="r")
-        n = info.nbytes // info.itemsize
-        return mm[info.offset: info.offset + info.nbytes].view(DTYPES[info.dtype])[:n].reshape(info.shape)
-
-    def read(self, name: str) -> np.ndarray:
-        """The stored elements read into a new array with plain read() calls (no memory map).
-
-        For tensors converted anyway (f16, bf16), sequential reads get the kernel's readahead and
-        ran ~1.3-2x faster cold than faulting the same bytes in through the map (benchmarks/bench_load.py)."""
-        info = self.info(name)
-        out = np.empty(info.shape, dtype=DTYPES[info.dtype])
-        buf, done = memoryview(out.reshape(-1)).cast("B"), 0
-        with open(info.path, "rb", buffering=0) as f:
-            f.seek(info.offset)
-            while done < info.nbytes:  # one read() returns at most ~2 GiB
-                n = f.readinto(buf[done:])
-                if not n:
-                    raise TpiError(f"{info.path}: tensor {name!r}: file ended early")
-                done += n
-        return out
+        dtype, shape = stored_layout(info)
+        return rows_in_hf_order(info, mm[info.offset: info.offset + info.nbytes].view(dtype).reshape(shape))
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """A float32 copy of the tensor (owning its memory)."""
         info = self.info(name, shape)
         return to_f32(self.raw(name, shape), info.dtype)
-
-    def get_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """float32 rows of a 2-D tensor (embedding lookup without reading the whole table)."""
-        info = self.info(name)
-        return to_f32(self.raw(name)[np.asarray(rows)], info.dtype)
-
-    def get_slice(self, name: str, axis: int, start: int, stop: int) -> np.ndarray:
-        """float32 copy of tensor[start:stop] along `axis` (reads only that part for axis 0)."""
-        info = self.info(name)
-        raw = self.raw(name)
-        index = [slice(None)] * raw.ndim
-        index[axis] = slice(start, stop)
-        return to_f32(raw[tuple(index)], info.dtype)
 
     def close(self) -> None:
         self._maps.clear()

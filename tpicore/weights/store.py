@@ -1,8 +1,9 @@
 """Where a device's tensors live: a whole HF checkpoint, or one of our shard folders.
 
-Layer: weights (imports tpicore.model and tpicore.errors only). Owns naming a block's tensors,
-checking their shapes against the model's table, and reading them as float32. Must not compute,
-schedule or talk to other devices.
+Layer: weights (imports tpicore.model, the other weights modules and tpicore.errors). Owns naming a
+block's tensors, checking their shapes against the table of tensors (tpicore.model.tensors), opening a
+folder only after its integrity checks (tpicore.weights.integrity: CRC32s, recomputed fingerprint, float
+dtypes, the config's layers), and reading tensors as float32. Must not compute, schedule or talk to other devices.
 """
 
 from __future__ import annotations
@@ -11,10 +12,29 @@ import os
 
 import numpy as np
 
+from tpicore.errors import TpiError
 from tpicore.model.config import ModelConfig
-from tpicore.model.split import ATTN_LEAVES, FFN_LEAVES, Block, Layout, plan_layouts
+from tpicore.model.split import Block, Layout
+from tpicore.model.tensors import (
+    ATTN_LEAVES,
+    EMBED,
+    FFN_LEAVES,
+    FINAL_NORM,
+    LM_HEAD,
+    MASTER_TENSORS,
+    held_tensors,
+    layer_name,
+    whole,
+)
 from tpicore.weights.checkpoint import Checkpoint, to_f32
-from tpicore.weights.manifest import read_manifest
+from tpicore.weights.gguf import GGUFCheckpoint, is_gguf_path
+from tpicore.weights.integrity import (
+    check_weight_tensors,
+    verify_master_files,
+    verify_tensors,
+)
+from tpicore.weights.manifest import MANIFEST_FILE, check_fingerprint, read_manifest
+from tpicore.weights.reader import BlockReader, read_raw
 
 
 def head_row_ranges(store: "TensorStore") -> list[tuple[int, int]]:
@@ -26,7 +46,8 @@ def head_row_ranges(store: "TensorStore") -> list[tuple[int, int]]:
     cfg = store.cfg
     layer_elems = [sum(int(np.prod(store.ckpt.info(n).shape)) for n in store.leaves((kind, 0)).values())
                    for kind in ("attn", "ffn")]
-    rows = max(1, min(layer_elems) // cfg.hidden_size)
+    head_row = MASTER_TENSORS[LM_HEAD].shape(cfg, store.layout)[1]  # elements of one vocabulary row
+    rows = max(1, min(layer_elems) // head_row)
     return [(lo, min(lo + rows, cfg.vocab_size)) for lo in range(0, cfg.vocab_size, rows)]
 
 
@@ -43,22 +64,41 @@ class TensorStore:
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> "TensorStore":
+        if is_gguf_path(model_dir):  # a GGUF file or split set: config and tensors from its header
+            ckpt = GGUFCheckpoint(model_dir)
+            return cls(ckpt, ckpt.cfg, whole(ckpt.cfg), root=model_dir)
+        if not os.path.isdir(model_dir):
+            kind = "a file, not a model folder" if os.path.exists(model_dir) else "model folder not found"
+            raise TpiError(f"{model_dir}: {kind} (expected a folder with config.json and *.safetensors, or a .gguf file)")
         cfg = ModelConfig.from_dir(model_dir)
-        return cls(Checkpoint.from_dir(model_dir), cfg, plan_layouts(cfg, 1)[0], root=model_dir)
+        ckpt = Checkpoint.from_dir(model_dir)
+        check_weight_tensors(ckpt, set(range(cfg.num_hidden_layers)), os.path.join(model_dir, "config.json"),
+                             cfg.num_hidden_layers)
+        return cls(ckpt, cfg, whole(cfg), root=model_dir)
 
     @classmethod
-    def from_shard_dir(cls, shard_dir: str) -> "TensorStore":
+    def from_shard_dir(cls, shard_dir: str, verify: bool = True) -> "TensorStore":
+        """Open one of our shard folders, checked before any tensor is used: the fingerprint is recomputed
+        from the manifest (never read), the tensors must be float weights of the config's layers, and
+        (verify) the file headers and every tensor's CRC32 must match the manifest."""
+        if not os.path.isdir(shard_dir):
+            raise TpiError(f"{shard_dir}: shard folder not found")
         man = read_manifest(shard_dir)
-        cfg = ModelConfig.from_dict(man["config"], source=os.path.join(shard_dir, "manifest.json"),
-                                    generation=man.get("generation_config"))
-        files = [os.path.join(shard_dir, f) for f in man["files"]]
-        store = cls(Checkpoint(files, shard_dir), cfg, Layout.from_json(man["layout"]), man.get("layer_map"),
-                    man["fingerprint"], shard_dir)
-        store.note = (man.get("synthetic") or {}).get("note", "")
+        path = os.path.join(shard_dir, MANIFEST_FILE)
+        fingerprint = check_fingerprint(man, path)
+        cfg = ModelConfig.from_dict(man.config, source=path, generation=man.generation_config)
+        files = [os.path.join(shard_dir, f) for f in man.files]
+        ckpt = Checkpoint(files, shard_dir)
+        check_weight_tensors(ckpt, set(man.layer_map), path, cfg.num_hidden_layers)
+        if verify:
+            verify_master_files(shard_dir, man)
+            verify_tensors(shard_dir, man, ckpt)
+        store = cls(ckpt, cfg, man.layout, man.layer_map, fingerprint, shard_dir)
+        store.note = man.synthetic.note if man.synthetic is not None else ""
         return store
 
     def name(self, layer: int, leaf: str) -> str:
-        return f"model.layers.{self.layer_map[layer]}.{leaf}"
+        return layer_name(self.layer_map[layer], leaf)
 
     def leaves(self, block: Block) -> dict[str, str]:
         """leaf name -> stored tensor name for the tensors of one block."""
@@ -67,44 +107,29 @@ class TensorStore:
             leaves = ATTN_LEAVES if kind == "attn" else FFN_LEAVES
             return {leaf: self.name(layer, leaf) for leaf in leaves if self.name(layer, leaf) in self.ckpt}
         if kind == "post":  # whole head (-1), or chunk c of its rows (the norm goes with chunk 0)
-            head = "lm_head.weight" if "lm_head.weight" in self.ckpt else "model.embed_tokens.weight"
-            return {"norm": "model.norm.weight", "lm_head": head} if layer <= 0 else {"lm_head": head}
+            head = LM_HEAD if LM_HEAD in self.ckpt else EMBED  # a tied head reads the embedding
+            return {"norm": FINAL_NORM, "lm_head": head} if layer <= 0 else {"lm_head": head}
         return {}
 
     def check(self) -> None:
-        """Fail early, naming the tensor and file, if a required tensor is missing or mis-shaped."""
-        cfg, lay = self.cfg, self.layout
-        D, Dh = cfg.hidden_size, cfg.head_dim
-        q, kv, f = lay.n_heads * Dh, lay.n_kv_heads * Dh, lay.n_ffn
-        shapes = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-                  "self_attn.q_proj.weight": (q, D), "self_attn.k_proj.weight": (kv, D),
-                  "self_attn.v_proj.weight": (kv, D), "self_attn.o_proj.weight": (D, q),
-                  "mlp.gate_proj.weight": (f, D), "mlp.up_proj.weight": (f, D), "mlp.down_proj.weight": (D, f)}
-        if cfg.attention_bias:
-            shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-        if cfg.o_proj_bias:
-            shapes["self_attn.o_proj.bias"] = (D,)
-        if cfg.mlp_bias:
-            shapes.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (D,)})
-        for layer in sorted(set(self.layer_map)):
-            for leaf, shape in shapes.items():
-                self.ckpt.info(f"model.layers.{layer}.{leaf}", shape)
-        if lay.rank == 0:
-            self.ckpt.info("model.embed_tokens.weight", (cfg.vocab_size, D))
-            self.ckpt.info("model.norm.weight", (D,))
-            if not cfg.tie_word_embeddings:
-                self.ckpt.info("lm_head.weight", (cfg.vocab_size, D))
+        """Fail early, naming the tensor and file, if a tensor this device needs is missing or mis-shaped
+        (shapes from the table in tpicore.model.tensors, for this device's layout), or if a stored tensor
+        has an integer dtype or belongs to a layer the config does not have."""
+        check_weight_tensors(self.ckpt, set(self.layer_map), self.cfg.source, self.cfg.num_hidden_layers)
+        for name, shape in held_tensors(self.cfg, self.layout, sorted(set(self.layer_map))):
+            self.ckpt.info(name, shape)
 
-    def embed_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Embedding rows for the tokens at hand only (the table is never read whole): [T] -> [T, D]."""
-        return self.ckpt.get_rows("model.embed_tokens.weight", ids)
+    def embed_rows(self, ids: np.ndarray, reader: BlockReader) -> np.ndarray:
+        """Embedding rows for the tokens at hand only, read through `reader` (the table is never read
+        whole; the reader decides whether the page cache is dropped behind): [T] -> [T, D]."""
+        return reader.read_rows(self.ckpt.info("model.embed_tokens.weight"), ids)
 
     def load(self, name: str) -> np.ndarray:
-        """A float32 tensor: f32 stays a zero-copy memory map; f16/bf16 are upcast into RAM."""
+        """A float32 tensor: f32 stays a zero-copy memory map; f16/bf16 are read whole, then upcast."""
         info = self.ckpt.info(name)
         if info.dtype == "F32":
             return self.ckpt.raw(name)  # zero-copy memory map
-        return to_f32(self.ckpt.read(name), info.dtype)
+        return to_f32(read_raw(info), info.dtype)
 
     def block_nbytes(self, block: Block) -> int:
         """Stored bytes of one block's tensors (a head chunk counts only its rows)."""
