@@ -39,14 +39,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--dump-logits", metavar="FILE.npy", help="save float32 logits [rows, vocab]")
+    tp, mem = add_placement_arguments(p)
+    tp.add_argument("--split-head", action="store_true",
+                    help="shard the LM head over the devices by vocabulary rows: each worker then sees its slice's "
+                         "logits every step (default: the head stays on the master)")
+    mem.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the blocks")
+    mem.add_argument("--dequantize-at-load", action="store_true",
+                     help="GGUF/quantized weights held resident as float32 (4-7x the memory, faster per token); "
+                          "default: kept quantized, dequantized chunk by chunk in each GEMV")
+
+
+def add_placement_arguments(p: argparse.ArgumentParser) -> tuple:
+    """The device placement and memory flags every session command shares (generate, serve, chat); returns
+    the two argument groups so a command can add its own flags to them."""
     tp = p.add_argument_group("tensor parallelism")
     tp.add_argument("--devices", type=int, default=1, help="number of devices (processes); 1 = single process")
     tp.add_argument("--ratios", help="per-device share, e.g. 3,2,2,1; 'equal'; or 'balanced' (the master gets "
                     "fewer heads/FFN columns for the LM head it also runs); default: equal")
     tp.add_argument("--allreduce", choices=("star", "ring", "tree"), default="star")
-    tp.add_argument("--split-head", action="store_true",
-                    help="shard the LM head over the devices by vocabulary rows: each worker then sees its slice's "
-                         "logits every step (default: the head stays on the master)")
     tp.add_argument("--shards", help="use the per-device folders written by `tpi shard` (instead of --model)")
     tp.add_argument("--listen", metavar="HOST:PORT", help="wait for remote workers here instead of spawning them")
     tp.add_argument("--secret-file", help="shared secret for authenticating workers (required off loopback)")
@@ -58,10 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--window", type=int, default=None, help="sliding window of resident blocks (>= 2)")
     mem.add_argument("--no-window", action="store_true", help="keep every block resident (default)")
     mem.add_argument("--retain-every", type=int, default=0, help="keep one FFN block in every T resident")
-    mem.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the blocks")
-    mem.add_argument("--dequantize-at-load", action="store_true",
-                     help="GGUF/quantized weights held resident as float32 (4-7x the memory, faster per token); "
-                          "default: kept quantized, dequantized chunk by chunk in each GEMV")
+    return tp, mem
 
 
 def parse_ids(text: str) -> list[int]:

@@ -11,7 +11,6 @@ import argparse
 import sys
 
 from tpicore.cli import generate
-from tpicore.comm.channel import DEFAULT_TIMEOUT_S
 from tpicore.runtime.session import GenerateOptions
 from tpicore.serve.server import ServeOptions, serve
 
@@ -22,22 +21,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF checkpoint folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N",
                    help="KV cache positions per conversation (default min(4096, the model's context))")
-    tp = p.add_argument_group("tensor parallelism")
-    tp.add_argument("--devices", type=int, default=1, help="number of devices (processes); 1 = single process")
-    tp.add_argument("--ratios", help="per-device share, e.g. 3,2,2,1 (default equal)")
-    tp.add_argument("--allreduce", choices=("star", "ring", "tree"), default="star")
-    tp.add_argument("--shards", help="use the per-device folders written by `tpi shard` (instead of --model)")
-    tp.add_argument("--listen", metavar="HOST:PORT", help="wait for remote workers here instead of spawning them")
-    tp.add_argument("--secret-file", help="shared secret for authenticating workers (required off loopback)")
-    tp.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
-                    help="give up on a silent peer after this long")
-    tp.add_argument("--private-layers", type=int, default=None, metavar="K",
-                    help="run the first K layers on this host alone: workers never see embeddings (default 0, "
-                         "or as --shards were written)")
-    mem = p.add_argument_group("memory scheduler")
-    mem.add_argument("--window", type=int, default=None, help="sliding window of resident blocks (>= 2)")
-    mem.add_argument("--no-window", action="store_true", help="keep every block resident (default)")
-    mem.add_argument("--retain-every", type=int, default=0, help="keep one FFN block in every T resident")
+    generate.add_placement_arguments(p)
 
 
 def session_options(args: argparse.Namespace) -> GenerateOptions:
