@@ -14,11 +14,11 @@ import time
 from typing import Any, Callable
 
 import multiprocess as mp
-from multiprocess.connection import wait
 
 from emulator.net.clock import WallClock
 from emulator.net.network import Network
 from tpicore.comm.group import Group
+from tpicore.comm.local import collect_results
 from tpicore.errors import TpiError
 
 
@@ -42,18 +42,8 @@ def run_on_network(network: Network, world_size: int, fn: Callable[[Group, Any],
             readers.append(r)
     finally:
         lst.close()
-    results: dict[int, tuple[str, Any]] = {}
-    deadline = time.monotonic() + 2 * timeout_s + 10
-    pending = dict(enumerate(readers))
-    while pending and time.monotonic() < deadline:
-        for r in wait(list(pending.values()), timeout=max(deadline - time.monotonic(), 0.0)):
-            rank = next(k for k, v in pending.items() if v is r)
-            try:
-                results[rank] = r.recv()
-            except (EOFError, OSError):
-                results[rank] = ("err", f"rank {rank} died")
-            r.close()
-            del pending[rank]
+    results, _ = collect_results(readers, time.monotonic() + 2 * timeout_s + 10)
+    results = {k: ("err", f"rank {k} died") if st == "died" else (st, v) for k, (st, v) in results.items()}
     for p in procs:
         p.join(0.5)
         if p.is_alive():

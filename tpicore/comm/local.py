@@ -96,21 +96,8 @@ def run_local_processes(world_size: int, fn: Callable[[Group], Any], *, mesh: bo
             readers.append(r)
     finally:
         lst.close()  # rank 0 holds its own copy
-    results: dict[int, tuple[str, Any]] = {}
     wait_s = wait_s if wait_s is not None else 2 * timeout_s + 10.0
-    deadline = time.monotonic() + wait_s
-    pending = dict(enumerate(readers))
-    while pending and time.monotonic() < deadline:
-        for r in wait(list(pending.values()), timeout=max(deadline - time.monotonic(), 0.0)):
-            rank = next(k for k, v in pending.items() if v is r)
-            try:
-                results[rank] = r.recv()
-            except (EOFError, OSError):
-                results[rank] = ("died", None)
-            r.close()
-            del pending[rank]
-    for r in pending.values():
-        r.close()
+    results, pending = collect_results(readers, time.monotonic() + wait_s)
     out: list[Any] = []
     for rank, p in enumerate(procs):
         p.join(0.5 if rank not in pending else 0.0)
@@ -131,6 +118,26 @@ def run_local_processes(world_size: int, fn: Callable[[Group], Any], *, mesh: bo
             if isinstance(value, BaseException):
                 raise value
     return out
+
+
+def collect_results(readers: list, deadline: float) -> tuple[dict[int, tuple[str, Any]], set[int]]:
+    """Each rank's (status, value) from its result pipe until `deadline` (monotonic s); a rank whose pipe
+    closed without a result is ("died", None). Returns the results and the ranks still pending; every pipe
+    is closed."""
+    results: dict[int, tuple[str, Any]] = {}
+    pending = dict(enumerate(readers))
+    while pending and time.monotonic() < deadline:
+        for r in wait(list(pending.values()), timeout=max(deadline - time.monotonic(), 0.0)):
+            rank = next(k for k, v in pending.items() if v is r)
+            try:
+                results[rank] = r.recv()
+            except (EOFError, OSError):
+                results[rank] = ("died", None)
+            r.close()
+            del pending[rank]
+    for r in pending.values():
+        r.close()
+    return results, set(pending)
 
 
 def _child_main(rank: int, world_size: int, addr: tuple[str, int], lst: socket.socket, fn: Callable[[Group], Any],
