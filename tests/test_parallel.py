@@ -86,8 +86,9 @@ def port_is_free(port: int) -> bool:
 
 @pytest.mark.parametrize("how", ["kill", "stall"])
 def test_worker_fault_fails_fast_naming_rank(hf_models, how):
+    """--no-failover: a lost worker ends the run (test_failover.py: the default recovers)."""
     model_dir, _ = hf_models("wide")
-    s = ParallelSession(session_args(model_dir, 4, timeout_s=2.0))
+    s = ParallelSession(session_args(model_dir, 4, timeout_s=2.0, failover=False))
     t0 = None
     with pytest.raises(TpiError, match="rank 2") as info:
         with s:
@@ -108,7 +109,7 @@ def test_worker_fault_fails_fast_naming_rank(hf_models, how):
     assert len(gen.tokens) == 3
 
 
-def _recording_worker(rank, addr, shard_dir, secret, timeout_s, blas, log_path):
+def _recording_worker(rank, addr, shard_dir, secret, timeout_s, blas, model, log_path):
     """A local worker logging every frame it receives, per socket, in order (handshake included), as its
     own code sees them: channel frames after opening (on the wire they are sealed, see test_transport_*)."""
     log = open(log_path, "wb")

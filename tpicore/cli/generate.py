@@ -64,6 +64,12 @@ def add_placement_arguments(p: argparse.ArgumentParser) -> tuple:
     tp.add_argument("--private-layers", type=int, default=None, metavar="K",
                     help="run the first K layers on this host alone: workers never see embeddings (default 0, "
                          "or as --shards were written)")
+    tp.add_argument("--no-failover", action="store_true",
+                    help="a lost device ends the run (default: the survivors, or a spare, take over its share, "
+                         "the KV caches are rebuilt and generation goes on)")
+    tp.add_argument("--spares", type=int, default=0, metavar="S",
+                    help="start S local standby devices that take a lost device's place (remote spares: "
+                         "`tpi worker --spare` against --listen)")
     mem = p.add_argument_group("memory scheduler")
     mem.add_argument("--window", type=int, default=None, help="sliding window of resident blocks (>= 2)")
     mem.add_argument("--no-window", action="store_true", help="keep every block resident (default)")
@@ -118,6 +124,9 @@ def check_session_flags(args: argparse.Namespace) -> None:
         checks.host_port("--listen", args.listen)
     if args.secret_file is not None and args.listen is None:
         raise TpiError("--secret-file: needs --listen (local workers get a random secret)")
+    checks.integer("--spares", args.spares, 0, 64)
+    checks.needs("--spares", bool(args.spares), "--devices N > 1 without --listen and --no-failover",
+                  args.devices > 1 and args.listen is None and not args.no_failover)
 
 
 def check_generate_flags(args: argparse.Namespace) -> None:
@@ -144,7 +153,7 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
                            timeout_s=args.timeout_s, window=None if args.no_window else args.window,
                            retain_every=args.retain_every, trace=bool(args.trace),
                            private_layers=args.private_layers, dequantize_at_load=args.dequantize_at_load,
-                           split_head=args.split_head)
+                           split_head=args.split_head, failover=not args.no_failover, spares=args.spares)
 
 
 def run(args: argparse.Namespace) -> int:

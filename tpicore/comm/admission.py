@@ -7,7 +7,9 @@ one thread for a few seconds and delays nobody. At most `max_pending` handshakes
 connection past the cap evicts the oldest pending one (a real peer finishes in milliseconds, and joiners
 retry a connection dropped before its verdict). Ranks are claimed atomically, so two connections
 claiming one rank cannot both win. Refusals are logged once per remote host, then at most once per
-`log_interval_s` with a count of the ones left out.
+`log_interval_s` with a count of the ones left out; a refusal for other terms (handshake.Mismatch: a rank
+with another model, world size or encryption setting) is only recorded for the timeout message, since the
+refused rank reports it as its own error line (one line for the user, not two).
 
     accept loop (the caller's thread)             one thread per pending connection
       poll(listener, wakeup, next deadline)       accept_peer(sock, claim=...) -> Admitted | Refused
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tpicore.comm.endpoint import tune
-from tpicore.comm.handshake import Admitted, Terms, accept_peer
+from tpicore.comm.handshake import Admitted, Mismatch, Terms, accept_peer
 from tpicore.errors import TpiError
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,13 @@ class RefusalLog:
         self._hosts: dict[str, tuple[float, int]] = {}  # host -> (last logged, refusals since)
         self._lock = threading.Lock()
 
+    def record(self, reason: str) -> None:
+        """A refusal the peer reports itself (handshake.Mismatch): kept for the timeout message, logged at
+        info level only, so the user of a failing run sees the one error line of the refused rank."""
+        with self._lock:
+            self.last = reason
+        log.info("%s refused a peer: %s", self.what, reason)
+
     def note(self, host: str, reason: str) -> None:
         now = time.monotonic()
         with self._lock:
@@ -75,7 +84,9 @@ class Admissions:
 
     def __init__(self, lst: socket.socket, *, my_rank: int, expected: set[int], terms: Terms,
                  secret: bytes | None, refusals: RefusalLog, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
-                 max_pending: int = MAX_PENDING) -> None:
+                 max_pending: int = MAX_PENDING, on_join: Callable[[Joined], None] | None = None) -> None:
+        self.on_join = on_join  # set: hand each joiner over at once and keep admitting (lobby.py) until stop()
+        self._stopping = False
         self.lst = lst
         self.my_rank = my_rank
         self.expected = frozenset(expected)
@@ -101,6 +112,8 @@ class Admissions:
         try:
             while True:
                 with self._lock:
+                    if self._stopping:
+                        return {}
                     if len(self._joined) == len(self.expected):
                         joined, self._joined = self._joined, {}
                         return joined
@@ -120,6 +133,15 @@ class Admissions:
                     self._accept()
         finally:
             self._close()
+
+    def stop(self) -> None:
+        """End a run() from another thread (it returns what it holds: nothing, with on_join)."""
+        with self._lock:
+            self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
 
     # -- the accept loop's helpers -------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -198,7 +220,9 @@ class Admissions:
             with self._lock:
                 timed_out = self._pending.pop(conn, None) is None
                 closed = self._closed
-            if not closed:
+            if not closed and isinstance(e, Mismatch) and not timed_out:
+                self.refusals.record(str(e))
+            elif not closed:
                 reason = f"{peer} did not finish the handshake within {self.handshake_timeout_s:.1f} s" \
                     if timed_out else str(e)
                 self.refusals.note(host, reason)
@@ -206,9 +230,14 @@ class Admissions:
         else:
             with self._lock:
                 in_time = self._pending.pop(conn, None) is not None and not self._closed
-                if in_time:
+                handoff = in_time and self.on_join is not None
+                if handoff:
+                    self._claimed.discard(admitted.rank)  # a lobby id may come back later
+                elif in_time:
                     self._joined[admitted.rank] = Joined(conn, peer, admitted)
                     log.info("rank %d: rank %d joined from %s", self.my_rank, admitted.rank, peer)
+            if handoff:
+                self.on_join(Joined(conn, peer, admitted))
             if not in_time:  # shut down at its deadline or at the end, right after the WELCOME went out
                 self._release(admitted.rank)
                 conn.close()

@@ -6,7 +6,8 @@ handshake (handshake.py), does not know the group (group.py), does not pump two 
 (duplex.py), and lays out no bytes itself (frame.py, seal.py).
 
     send_array(kind, arr)                                    recv_into(out) / recv_array()
-      | t_send = hook.now()                                    | hook.on_wait(src, dst)   (about to block)
+      | t_send = hook.now()                                    | hook.on_wait(src, dst)   (about to block;
+      |                                                        |   no hook: Spin polls, then blocks)
       | t_deliver = hook.on_send(src, dst, wire_nbytes)        | header (40, or 56 sealed): open, validate,
       | header [+ stamps if either is non-zero] + payload      |   check sender, kind, tag, shape
       | sealed: header part, body part (seal.py)               | body: straight into `out` (plain) or into a
@@ -21,8 +22,10 @@ behind emulated links.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import time
 from typing import Protocol
 
 import numpy as np
@@ -58,6 +61,9 @@ from tpicore.errors import TpiError
 DEFAULT_TIMEOUT_S = 60.0  # the project's one default for "a peer sent nothing for this long"
 SMALL_FRAME_NBYTES = 64 << 10  # ERROR frames and handshake messages stay small
 _ABORT_SEND_TIMEOUT_S = 0.5
+SPIN_S = 50e-6  # a receive polls this long before it blocks, where spin_budget_s allows it
+SPIN_BACKOFF_MAX = 256  # after failed spins, up to this many receives block at once
+_yield = getattr(os, "sched_yield", lambda: None)
 
 
 class PeerLost(CommError):
@@ -66,6 +72,15 @@ class PeerLost(CommError):
 
 class PeerTimeout(CommError):
     """The peer sent (or accepted) nothing for the whole timeout."""
+
+
+class ControlMessage(ProtocolError):
+    """A control message (`message`) arrived where data was expected: a protocol error, unless the receiver
+    knows it (e.g. the master regrouping after a lost device, tpicore.dist.failover)."""
+
+    def __init__(self, message: dict, expected: str, peer: str) -> None:
+        super().__init__(f"expected {expected} from {peer}, got CONTROL {message.get('op')!r}")
+        self.message = message
 
 
 ERROR_CLASSES: dict[str, type[CommError]] = {
@@ -135,10 +150,70 @@ def _timeout_text(sock: socket.socket, opt: int = socket.SO_RCVTIMEO) -> str:
     return f"{t:.1f} s"
 
 
-def recv_into(sock: socket.socket, view: memoryview, peer: str = "peer") -> None:
-    """Fill `view` completely (recv may return fewer bytes); PeerLost on EOF, PeerTimeout when idle."""
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
+def spin_budget_s(n_processes: int, spin_s: float = SPIN_S) -> float:
+    """How long a receive may poll before blocking when `n_processes` share this host: `spin_s` while
+    every process can have a core of its own, else 0 (a spinning rank would steal the core of the
+    rank it waits for)."""
+    return spin_s if n_processes <= usable_cores() else 0.0
+
+
+def spin_recv(sock: socket.socket, view: memoryview, spin_s: float, peer: str) -> int:
+    """Non-blocking reads into `view` for up to `spin_s`: the bytes that came (0: none yet, so block).
+
+    Waking a blocked reader costs a scheduler round trip (~10 us a hop on loopback); a frame that
+    arrives within the spin skips it. Each empty poll yields the CPU (sched_yield), so a peer that
+    shares this core still runs. Returns at the first bytes, whatever their number.
+    """
+    deadline = time.perf_counter() + spin_s
     n = len(view)
-    got = 0
+    while True:
+        try:
+            k = sock.recv_into(view, n, socket.MSG_DONTWAIT)
+        except (BlockingIOError, socket.timeout):  # nothing yet (OSError subclasses: caught first)
+            if time.perf_counter() >= deadline:
+                return 0
+            _yield()
+            continue
+        except (ConnectionResetError, ConnectionAbortedError):
+            raise PeerLost(f"{peer} reset the connection") from None
+        except OSError as e:
+            raise PeerLost(f"connection to {peer} failed: {e.strerror or e}") from None
+        if k == 0:
+            raise PeerLost(f"{peer} closed the connection")
+        return k
+
+
+class Spin:
+    """A channel's receive polling: `spin_s` per header read (0: block at once), with a backoff. A spin
+    that catches nothing makes the next 1, 2, 4 .. SPIN_BACKOFF_MAX reads block at once (a busy host:
+    polling would only burn a core); one that catches a frame resets it."""
+
+    def __init__(self, spin_s: float = 0.0) -> None:
+        self.spin_s = spin_s
+        self.backoff = 0
+        self.skip = 0  # reads left that block at once
+
+    def poll(self, sock: socket.socket, view: memoryview, peer: str) -> int:
+        """spin_recv unless backing off: the bytes caught."""
+        if self.skip:
+            self.skip -= 1
+            return 0
+        got = spin_recv(sock, view, self.spin_s, peer)
+        self.backoff = 0 if got else min(2 * self.backoff or 1, SPIN_BACKOFF_MAX)
+        self.skip = self.backoff
+        return got
+
+
+def recv_into(sock: socket.socket, view: memoryview, peer: str = "peer", got: int = 0) -> None:
+    """Fill `view` completely (recv may return fewer bytes); PeerLost on EOF, PeerTimeout when idle.
+    `got`: bytes already in `view` (a spin_recv's)."""
+    n = len(view)
     while got < n:
         try:  # MSG_WAITALL: one wakeup for a whole payload on blocking sockets, harmless otherwise
             k = sock.recv_into(view[got:] if got else view, 0, socket.MSG_WAITALL)
@@ -221,6 +296,7 @@ class Channel:
         self.timeout_s = timeout_s
         self.max_nbytes = max_nbytes
         self.link_hook: LinkHook = NO_LINK_HOOK
+        self.spin = Spin()  # how long a header read polls before it blocks (collectives set it)
         self.tx_broken = False  # a send stopped mid-frame: nothing more may go out on this stream
         self.cipher = cipher
         if cipher is not None:
@@ -238,6 +314,23 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"Channel(rank {self.rank} <-> {self.peer}, {'sealed' if self.sealed else 'plain'})"
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """A new bound on every wait of this channel from now on."""
+        self.timeout_s = timeout_s
+        set_kernel_timeouts(self.sock, timeout_s)
+
+    def relabel(self, rank: int | None = None, peer_rank: int | None = None) -> None:
+        """New ranks for both ends after a regroup (tpicore.dist.failover): frames from here on carry them.
+        Both ends switch at the same message (the master after sending an assignment, the worker on
+        receiving it), so no frame in flight is misjudged."""
+        if rank is not None:
+            self.rank = rank
+        if peer_rank is not None:
+            self.peer_rank = peer_rank
+            self.peer = f"rank {peer_rank}"
+            if self.cipher is not None:
+                self.cipher.opener.peer = self.peer
 
     # -- sending ---------------------------------------------------------------------------------------
     def frame(self, kind: int, arr: np.ndarray, tag: int, *, hook: bool = True) -> list[bytes | memoryview]:
@@ -275,7 +368,10 @@ class Channel:
             send_buffers(self.sock, bufs, self.peer)
         except PeerLost as e:
             self.tx_broken = True
-            raise self.pending_error() or e from None
+            raise self.pending_error() or e.at(self.peer_rank) from None
+        except PeerTimeout as e:
+            self.tx_broken = True
+            raise e.at(self.peer_rank)
         except TpiError:
             self.tx_broken = True
             raise
@@ -354,27 +450,39 @@ class Channel:
                 raise ProtocolError(f"{self.peer} sent an ERROR frame of {hdr.nbytes} bytes")
             raise remote_error(self._read_body(hdr)[0], self.peer)
         if hdr.kind == Kind.BYE:
-            raise PeerLost(f"{self.peer} left the group")
+            raise PeerLost(f"{self.peer} left the group").at(self.peer_rank)
+        if hdr.kind == Kind.CONTROL and kind != Kind.CONTROL and hdr.nbytes <= SMALL_FRAME_NBYTES:
+            raise ControlMessage(parse_json(self._read_body(hdr)[0], self.peer), Kind(kind).name, self.peer)
         if hdr.kind != kind:
             raise ProtocolError(f"expected {Kind(kind).name} from {self.peer}, got {Kind(hdr.kind).name}")
         if tag is not None and hdr.tag != tag:
             raise ProtocolError(f"expected tag {tag} from {self.peer}, got {hdr.tag} (ranks out of step)")
 
     def _read_header(self) -> Header:
-        if self.link_hook is not NO_LINK_HOOK:
-            self.link_hook.on_wait(self.peer_rank, self.rank)
-        recv_into(self.sock, self._wire_hdr_view, self.peer)
-        return self.header_in()
+        try:
+            if self.link_hook is not NO_LINK_HOOK:  # emulated links: no spin, the hook paces the waits
+                self.link_hook.on_wait(self.peer_rank, self.rank)
+                recv_into(self.sock, self._wire_hdr_view, self.peer)
+            else:  # the body follows the header in the same send, so only the header's wait spins
+                spin = self.spin
+                recv_into(self.sock, self._wire_hdr_view, self.peer,
+                          spin.poll(self.sock, self._wire_hdr_view, self.peer) if spin.spin_s else 0)
+            return self.header_in()
+        except (PeerLost, PeerTimeout) as e:
+            raise e.at(self.peer_rank)
 
     def _read_body(self, hdr: Header, out: np.ndarray | None = None) -> tuple[np.ndarray, Stamps]:
         out = np.empty(hdr.shape, dtype=numpy_dtype(hdr.dtype)) if out is None else out
-        if self.cipher is None and not hdr.flags:  # the plain, unstamped path: straight into `out`
-            if hdr.nbytes:
-                recv_into(self.sock, payload_view(out), self.peer)
-            return out, NO_STAMPS
-        dst = payload_view(out)
-        for view in self.body_views(hdr, dst):
-            recv_into(self.sock, view, self.peer)
+        try:
+            if self.cipher is None and not hdr.flags:  # the plain, unstamped path: straight into `out`
+                if hdr.nbytes:
+                    recv_into(self.sock, payload_view(out), self.peer)
+                return out, NO_STAMPS
+            dst = payload_view(out)
+            for view in self.body_views(hdr, dst):
+                recv_into(self.sock, view, self.peer)
+        except (PeerLost, PeerTimeout) as e:
+            raise e.at(self.peer_rank)
         return out, self.body_in(hdr, dst)
 
     def recv_array(self, kind: int = Kind.TENSOR, tag: int | None = None) -> np.ndarray:
@@ -410,6 +518,7 @@ class Channel:
         """After a failed send: an ERROR frame the peer sent before leaving explains why (None if absent)."""
         try:
             self.sock.settimeout(0.2)
+            self.spin = Spin()  # a socket with a Python timeout waits in poll() already: no spinning
             for _ in range(8):
                 hdr = self._read_header()
                 if hdr.kind == Kind.ERROR and hdr.nbytes <= SMALL_FRAME_NBYTES:

@@ -75,8 +75,8 @@ class _Pump:
                 ready = poller.poll(timeout_ms)
                 if not ready:
                     if self.stamps is None:
-                        raise PeerTimeout(f"{recv_ch.peer} sent nothing for {recv_ch.timeout_s:.1f} s")
-                    raise PeerTimeout(f"{send_ch.peer} accepted no data for {send_ch.timeout_s:.1f} s")
+                        raise PeerTimeout(f"{recv_ch.peer} sent nothing for {recv_ch.timeout_s:.1f} s").at(recv_ch.peer_rank)
+                    raise PeerTimeout(f"{send_ch.peer} accepted no data for {send_ch.timeout_s:.1f} s").at(send_ch.peer_rank)
                 for fd, ev in ready:
                     if fd == rfd and self.stamps is None and ev & _IN:
                         self._receive()
@@ -123,9 +123,9 @@ def _recv_some(ch: Channel, view: memoryview) -> int:
     except BlockingIOError:
         return 0
     except OSError as e:
-        raise PeerLost(f"{ch.peer} reset the connection ({e.strerror or e})") from None
+        raise PeerLost(f"{ch.peer} reset the connection ({e.strerror or e})").at(ch.peer_rank) from None
     if k == 0:
-        raise PeerLost(f"{ch.peer} closed the connection")
+        raise PeerLost(f"{ch.peer} closed the connection").at(ch.peer_rank)
     return k
 
 
@@ -137,7 +137,7 @@ def _send_some(ch: Channel, bufs: list[memoryview]) -> int:
         return 0
     except OSError:
         ch.tx_broken = True
-        raise ch.pending_error() or PeerLost(f"{ch.peer} closed the connection") from None
+        raise ch.pending_error() or PeerLost(f"{ch.peer} closed the connection").at(ch.peer_rank) from None
 
 
 def _advance(bufs: list[memoryview], n: int) -> None:

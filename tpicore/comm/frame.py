@@ -67,6 +67,13 @@ class CommError(TpiError):
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason if reason is not None else message
+        self.peer_rank: int | None = None  # the rank at the other end of the link that failed, when known
+
+    def at(self, peer_rank: int) -> "CommError":
+        """This error, marked as the failure of the link to `peer_rank` (the first mark stays)."""
+        if self.peer_rank is None:
+            self.peer_rank = peer_rank
+        return self
 
 
 class ProtocolError(CommError):

@@ -59,6 +59,7 @@ class Group:
         self.timeout_s = timeout_s
         self.mesh = mesh
         self.closed = False
+        self.keep_on_failure = False  # failover: a failed collective leaves the channels open for a regroup
         self._seq = 0
         self._hook: LinkHook = NO_LINK_HOOK
         self._scratch: dict[str, np.ndarray] = {}
@@ -107,7 +108,7 @@ class Group:
 
     def abort(self, error: BaseException) -> None:
         """Tell every reachable peer why this rank gives up (ERROR frame, bounded wait), then close."""
-        if self.closed:
+        if self.closed or self.keep_on_failure:
             return
         reason = error.reason if isinstance(error, CommError) else str(error)
         name = type(error).__name__ if type(error).__name__ in ERROR_CLASSES else "TpiError"
@@ -128,12 +129,14 @@ class Group:
     def master(cls, world_size: int, host: str = "127.0.0.1", port: int = 0, *, secret: bytes | str | None = None,
                fingerprint: str = "", timeout_s: float = DEFAULT_TIMEOUT_S, mesh: bool = True,
                listener: socket.socket | None = None, max_nbytes: int = DEFAULT_MAX_NBYTES,
-               encrypt: bool = True, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> Group:
+               encrypt: bool = True, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+               keep_listener: bool = False) -> Group:
         """Rank 0: wait (until `timeout_s`) for ranks 1..N-1 to join, then wire the mesh if asked.
 
         Peers that fail the handshake are told why (as far as they may know), logged, and dropped; the
         master keeps waiting for valid ones until its deadline. `listener` (from `open_listener`, e.g. to
-        learn an ephemeral port before workers start) is taken over and closed when the rendezvous ends.
+        learn an ephemeral port before workers start) is taken over and closed when the rendezvous ends,
+        unless `keep_listener` (the caller goes on admitting on it: tpicore.comm.lobby).
         """
         lst = listener if listener is not None else open_listener(host, port)
         try:
@@ -141,7 +144,8 @@ class Group:
                            timeout_s=timeout_s, mesh=mesh, max_nbytes=max_nbytes, encrypt=encrypt,
                            handshake_timeout_s=handshake_timeout_s)
         finally:
-            lst.close()
+            if not (keep_listener and listener is not None):
+                lst.close()
 
     @classmethod
     def worker(cls, rank: int, master_addr: str | tuple[str, int], *, world_size: int,
@@ -232,8 +236,8 @@ def _worker(cls: type[Group], rank: int, addr: tuple[str, int], *, world_size: i
         mesh = bool(info.get("mesh"))
         if mesh:
             try:
-                _wire_mesh(rank, world_size, info.get("peers"), mesh_lst[0], channels, terms=terms, secret=secret,
-                           timeout_s=timeout_s, max_nbytes=max_nbytes, handshake_timeout_s=handshake_timeout_s)
+                wire_mesh(rank, world_size, info.get("peers"), mesh_lst[0], channels, terms=terms, secret=secret,
+                          timeout_s=timeout_s, max_nbytes=max_nbytes, handshake_timeout_s=handshake_timeout_s)
             except TpiError as e:
                 master.send_error(f"rank {rank} could not join the mesh: {e}")
                 raise
@@ -246,6 +250,16 @@ def _worker(cls: type[Group], rank: int, addr: tuple[str, int], *, world_size: i
     finally:
         for lst in mesh_lst:
             lst.close()
+
+
+def join_master(addr: tuple[str, int], deadline: float, *, rank: int, terms: Terms, secret: bytes | None,
+                timeout_s: float, max_nbytes: int = DEFAULT_MAX_NBYTES,
+                handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> Channel:
+    """One channel to the master at `addr` as `rank` under `terms` (no mesh, no group messages): the
+    lobby's join (lobby.py)."""
+    sock, cipher = _join(addr, deadline, rank=rank, terms=terms, secret=secret, expect_rank=0, listen_on=None,
+                         handshake_timeout_s=handshake_timeout_s)
+    return Channel(sock, rank=rank, peer_rank=0, timeout_s=timeout_s, max_nbytes=max_nbytes, cipher=cipher)
 
 
 def _join(addr: tuple[str, int], deadline: float, *, rank: int, terms: Terms, secret: bytes | None,
@@ -275,9 +289,9 @@ def _join(addr: tuple[str, int], deadline: float, *, rank: int, terms: Terms, se
             raise
 
 
-def _wire_mesh(rank: int, world_size: int, peers: object, lst: socket.socket, channels: dict[int, Channel], *,
-               terms: Terms, secret: bytes | None, timeout_s: float, max_nbytes: int,
-               handshake_timeout_s: float) -> None:
+def wire_mesh(rank: int, world_size: int, peers: object, lst: socket.socket, channels: dict[int, Channel], *,
+              terms: Terms, secret: bytes | None, timeout_s: float, max_nbytes: int = DEFAULT_MAX_NBYTES,
+              handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
     """Connect to every higher worker rank, admit every lower one (rank N-1 only admits, so no cycle)."""
     if not isinstance(peers, dict):
         raise ProtocolError(f"master sent peers {peers!r}, expected an object")

@@ -21,16 +21,38 @@ import os
 import secrets
 import signal
 import socket
+import sys
+import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from tpicore.comm import collectives as C
-from tpicore.comm.channel import DEFAULT_TIMEOUT_S
+from tpicore.comm.channel import (
+    DEFAULT_TIMEOUT_S,
+    ControlMessage,
+    PeerLost,
+    PeerTimeout,
+)
 from tpicore.comm.endpoint import is_loopback, open_listener
-from tpicore.comm.frame import Kind, parse_json
+from tpicore.comm.frame import CommError, Kind, ProtocolError, parse_json
 from tpicore.comm.group import Group
+from tpicore.comm.lobby import Lobby, join_lobby
 from tpicore.dist import split_head
+from tpicore.dist.failover import (
+    MasterLost,
+    Member,
+    Recovery,
+    Regroup,
+    SliceSource,
+    Stopped,
+    as_regroup,
+    await_regroup,
+    next_control,
+    regroup,
+    rejoin,
+    standby,
+)
 from tpicore.dist.local_workers import LocalWorkers, report_failure
 from tpicore.dist.split_head import HeadSlice
 from tpicore.errors import TpiError
@@ -53,6 +75,11 @@ from tpicore.weights.store import TensorStore
 DEFAULT_PLACEMENT = "equal"
 
 
+# With failover a worker waits this many timeouts for the master mid-step: the master itself takes up to one
+# timeout to declare a silent peer lost, then regroups. A master that is gone (EOF) is noticed at once.
+MASTER_GRACE = 2.0
+
+
 class RunOptions(Record):
     """What every rank must agree on for one run: sent by the master in its setup message and validated
     by each worker on arrival (unknown keys, wrong types and out-of-range values are refused)."""
@@ -65,6 +92,7 @@ class RunOptions(Record):
     drop_cache: Flag = True  # the window drops the page cache behind its reads; False: warm re-reads (the
                              # emulator with a modelled disk on a virtual clock: same times, less real time)
     split_head: Flag = False  # --split-head: each rank computes its vocabulary slice's logits (split_head.py)
+    failover: Flag = False  # a failed collective keeps the channels open: the master regroups (failover.py)
 
     def to_json(self) -> dict:
         return self.model_dump()
@@ -92,9 +120,28 @@ def make_device(store: TensorStore, opts: RunOptions, allreduce, env: DeviceEnv)
 
 def worker_loop(group: Group, store: TensorStore, env: DeviceEnv) -> RankReport:
     """Serve steps until the master says stop; returns this rank's report (also sent to the master).
-    A "report" control message is answered with the report so far, and serving goes on."""
+    A "report" control message is answered with the report so far, and serving goes on. With failover
+    (the master's setup says so), the master's regroup raises failover.Regroup, and a failed mesh peer is
+    reported to the master before waiting for its regroup; losing the master raises MasterLost."""
+    try:
+        return _serve(group, store, env)
+    except ControlMessage as e:
+        raise as_regroup(e, "rank 0") from None
+    except (PeerLost, PeerTimeout) as e:
+        if not group.keep_on_failure:
+            raise
+        if e.peer_rank in (None, 0):
+            raise MasterLost(f"rank {group.rank}: lost the master ({e})") from None
+        try:  # the master may be waiting on another rank: tell it who failed, then wait for its regroup
+            group.channel(0).send_json(Kind.CONTROL, {"op": "peer_lost", "rank": e.peer_rank, "why": str(e)})
+        except CommError as e2:
+            raise MasterLost(f"rank {group.rank}: lost the master ({e2})") from None
+        raise await_regroup(group.channel(0)) from None
+
+
+def _serve(group: Group, store: TensorStore, env: DeviceEnv) -> RankReport:
     master = group.channel(0)
-    setup = master.recv_json(Kind.CONTROL)
+    setup = next_control(master)
     if setup.get("op") != "setup":
         raise TpiError(f"rank {group.rank}: expected a setup message from the master, got {setup.get('op')!r}")
     opts = load(RunOptions, setup.get("options"), f"rank {group.rank}: setup from {master.peer}: options")
@@ -102,6 +149,9 @@ def worker_loop(group: Group, store: TensorStore, env: DeviceEnv) -> RankReport:
     if opts.max_seq > limit:
         raise TpiError(f"rank {group.rank}: setup from {master.peer}: options.max_seq: must be <= {limit} "
                        f"(max_position_embeddings + 1), got {opts.max_seq}")
+    group.keep_on_failure = opts.failover
+    if opts.failover:  # the master may wait a whole timeout on a lost peer before it regroups: grant it that
+        master.set_timeout(MASTER_GRACE * group.timeout_s)
     dev = make_device(store, opts, C.Collective(group, opts.allreduce), env)
     try:
         head = HeadSlice.receive(master, store.cfg, group.rank, group.world_size) if opts.split_head else None
@@ -114,6 +164,12 @@ def worker_loop(group: Group, store: TensorStore, env: DeviceEnv) -> RankReport:
                 if op == "report":  # between generations (the emulator's per-run split)
                     master.send_json(Kind.CONTROL, {"op": "report", **dev.report(group.rank).to_json()})
                     continue
+                if op == "ping":  # the master's heartbeat while idle
+                    master.send_json(Kind.CONTROL, {"op": "pong"})
+                    continue
+                if op == "regroup":
+                    raise as_regroup(ControlMessage(parse_json(payload, master.peer), "a step", master.peer),
+                                     master.peer)
                 raise TpiError(f"rank {group.rank}: unexpected control message {op!r} from the master")
             if not dev.layer_ids:
                 raise TpiError(f"rank {group.rank}: a step from the master, but every layer is private to it")
@@ -129,33 +185,53 @@ def worker_loop(group: Group, store: TensorStore, env: DeviceEnv) -> RankReport:
         dev.close()
 
 
-def run_worker(rank: int, master_addr: str, shard_dir: str, secret: bytes | None, timeout_s: float,
-               blas_threads: int | None = None, env: DeviceEnv | None = None) -> RankReport:
-    """Join the master at `master_addr` as `rank` with the shard in `shard_dir`, and serve until stopped.
-    env: this device's clock, disk model and link hook (default: the real world)."""
+def run_worker(rank: int, master_addr: str, shard_dir: str | None, secret: bytes | None, timeout_s: float,
+               blas_threads: int | None = None, env: DeviceEnv | None = None, *, model: str | None = None,
+               spare: bool = False) -> RankReport | None:
+    """Join the master at `master_addr` as `rank` with the shard in `shard_dir`, and serve until stopped;
+    a spare (`rank` is then its member id) waits in the master's lobby until it is given a rank. Each
+    regroup of the master gives this process a new rank and slice (from `model`, its own copy of the
+    checkpoint, when it has one). env: this device's clock, disk model and link hook (default: the real
+    world). Returns the last report (None: a spare the master never needed)."""
     env = env or DeviceEnv()
     if blas_threads:
         set_blas_threads(blas_threads)
-    store = TensorStore.from_shard_dir(shard_dir)
-    if store.layout.rank != rank:
-        raise TpiError(f"{shard_dir}: holds the shard of rank {store.layout.rank}, not rank {rank}")
-    store.check()
-    group = Group.worker(rank, master_addr, world_size=store.layout.world_size, secret=secret,
-                         fingerprint=store.fingerprint, timeout_s=timeout_s)
+    member = Member(model, secret, timeout_s)
+    store = None
+    if spare:
+        group = join_lobby(master_addr, rank, secret=secret, timeout_s=timeout_s)
+    else:
+        store = TensorStore.from_shard_dir(shard_dir)
+        if store.layout.rank != rank:
+            raise TpiError(f"{shard_dir}: holds the shard of rank {store.layout.rank}, not rank {rank}")
+        store.check()
+        group = Group.worker(rank, master_addr, world_size=store.layout.world_size, secret=secret,
+                             fingerprint=store.fingerprint, timeout_s=timeout_s)
     group.link_hook = env.link_hook
     try:
-        return worker_loop(group, store, env)
+        while True:
+            try:
+                if store is None:
+                    raise standby(group.channel(0))
+                return worker_loop(group, store, env)
+            except Regroup as r:
+                master = group.channel(0)
+                for peer in [p for p in group.channels if p != 0]:
+                    group.channels.pop(peer).close(bye=False)
+                group, store = rejoin(master, member, r.epoch, store, env.link_hook)
+    except Stopped:
+        return None
     finally:
         group.close()
 
 
-def _local_worker_main(rank: int, master_addr: str, shard_dir: str, secret: bytes, timeout_s: float,
-                       blas_threads: int) -> None:
+def _local_worker_main(rank: int, master_addr: str, shard_dir: str | None, secret: bytes, timeout_s: float,
+                       blas_threads: int, model: str | None = None, spare: bool = False) -> None:
     """Entry of a locally spawned worker process: an error is one line (to the master while the group
     forms, which prints it and ends the run at once; to stderr after), exit code 2."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master handles Ctrl-C and reaps us
     try:
-        run_worker(rank, master_addr, shard_dir, secret, timeout_s, blas_threads)
+        run_worker(rank, master_addr, shard_dir, secret, timeout_s, blas_threads, model=model, spare=spare)
     except TpiError as e:
         report_failure(f"rank {rank}: {e}")
         os._exit(2)
@@ -176,6 +252,7 @@ class Master:
         self.cfg = store.cfg
         if env.link_hook is not None:
             group.link_hook = env.link_hook
+        group.keep_on_failure = opts.failover
         if opts.split_head:
             split_head.check_split_head(opts.window, len(store.layout.shared_layers(self.cfg.num_hidden_layers)))
         for r in range(1, group.world_size):
@@ -220,6 +297,16 @@ class Master:
             logits = dev.head(x if all_logits else x[-1:])
         self.step_times.append(t.snapshot() - before)
         return logits
+
+    def heartbeat(self) -> None:
+        """Ping every worker and wait for each answer (within the timeout): a hung device is found while
+        idle too, and the workers' own silence timers restart."""
+        for r in range(1, self.group.world_size):
+            self.group.channel(r).send_json(Kind.CONTROL, {"op": "ping"})
+        for r in range(1, self.group.world_size):
+            ch = self.group.channel(r)
+            if ch.recv_json(Kind.CONTROL).get("op") != "pong":
+                raise ProtocolError(f"{ch.peer} answered a ping with something else")
 
     def finish(self) -> list[RankReport]:
         """Stop the workers and collect their reports (peak RSS, time split, window, trace events)."""
@@ -318,6 +405,17 @@ class ParallelSession:
         self.workers = LocalWorkers()
         self.master: Master | None = None
         self.group: Group | None = None
+        self.failover = opts.failover and n > 1
+        self.lobby: Lobby | None = None
+        self.ratios = tuple(plan_ratios(opts)) if not opts.shards else tuple(parse_ratios(None, n))
+        self.slices = SliceSource(opts.model, opts.shards, (n, self.ratios), k)
+        self.recoveries: list[Recovery] = []
+        self._fed: list[int] = []  # the token ids fed so far, by position (replayed into new KV caches)
+        self._epoch = 0
+        self._step_times: list[TimeSplit] = []  # of the Masters before the last regroup
+        self._run_opts: RunOptions | None = None
+        self.member_of = {r: r for r in range(n)}  # current rank -> the worker's member id (its first rank;
+                                                    # a spare's lobby id): which local process holds a rank
 
     @classmethod
     def open(cls, opts: GenerateOptions) -> "ParallelSession":
@@ -345,12 +443,15 @@ class ParallelSession:
             addr = "127.0.0.1:%d" % listener.getsockname()[1]
             blas = max(1, (os.cpu_count() or 1) // n)
             set_blas_threads(blas)
+            copy = o.model if self.failover else None  # on this host every worker can re-shard the model
+            spares = o.spares if self.failover else 0
             self.workers.start(_local_worker_main, {
-                r: (r, addr, self.dirs[r], secret, o.timeout_s, blas) for r in range(1, n)})
+                **{r: (r, addr, self.dirs[r], secret, o.timeout_s, blas, copy) for r in range(1, n)},
+                **{r: (r, addr, None, secret, o.timeout_s, blas, copy, True) for r in range(n, n + spares)}})
             self.workers.watch(lambda: stop_listening(listener))  # a worker failing at start-up ends the wait
         try:
             self.group = Group.master(n, secret=secret, fingerprint=self.store.fingerprint, timeout_s=o.timeout_s,
-                                      listener=listener, mesh=o.allreduce != "star")
+                                      listener=listener, mesh=o.allreduce != "star", keep_listener=self.failover)
         except TpiError as e:
             failure = self.workers.startup_failure() if self.workers.procs else None
             if failure:  # the worker's own line, naming its rank: the cause, not the master's wait
@@ -360,12 +461,102 @@ class ParallelSession:
                 raise TpiError(f"rank {dead[0][0]} exited with code {dead[0][1]} before joining ({e})") from None
             raise
         self.workers.formed()
-        opts = RunOptions(max_seq=max_seq, allreduce=o.allreduce, window=o.window, retain_every=o.retain_every,
-                          trace=o.trace, split_head=o.split_head)
-        self.master = Master(self.group, self.store, opts)
+        if self.failover:  # spares and devices coming back join here from now on
+            self.lobby = Lobby(listener, secret=secret, timeout_s=o.timeout_s)
+        self._run_opts = RunOptions(max_seq=max_seq, allreduce=o.allreduce, window=o.window,
+                                    retain_every=o.retain_every, trace=o.trace, split_head=o.split_head,
+                                    failover=self.failover)
+        self.master = Master(self.group, self.store, self._run_opts)
 
     def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
-        return self.master.step(ids, pos, all_logits)
+        """ids [T] at positions pos.. -> logits; with failover, a lost device is replaced or split away,
+        the history replayed, and the step run again on the new group (one note line on stderr)."""
+        if not self.failover:
+            return self.master.step(ids, pos, all_logits)
+        t0 = time.perf_counter()
+        try:
+            logits = self.master.step(ids, pos, all_logits)
+        except CommError as e:
+            self._recover(e, t0, pos)
+            logits = self.master.step(ids, pos, all_logits)
+        self._fed[pos:] = [int(i) for i in ids]
+        return logits
+
+    def heartbeat(self) -> None:
+        """Between requests: ping every worker; a lost one is recovered from now, not at the next step."""
+        if not self.failover:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.master.heartbeat()
+        except CommError as e:
+            self._recover(e, t0, len(self._fed))
+
+    def grow(self) -> None:
+        """At a request boundary: devices waiting in the lobby (spares, devices that came back) join while
+        the group is smaller than --devices (a regroup with nothing lost; the history is replayed)."""
+        if self.lobby is not None and self.group.world_size < self.opts.devices and self.lobby.waiting():
+            self._recover(CommError("standby devices are waiting"), time.perf_counter(), len(self._fed))
+
+    def _suspects(self, err: CommError) -> dict[int, str]:
+        """The ranks a failed step names as lost (the probe finds any other)."""
+        if isinstance(err, ControlMessage) and err.message.get("op") == "peer_lost":
+            rank = err.message.get("rank")
+            return {rank: f"reported by a peer: {err.message.get('why')}"} if type(rank) is int else {}
+        if isinstance(err, PeerLost) and err.peer_rank:
+            return {err.peer_rank: f"disconnected: {err}"}
+        if isinstance(err, PeerTimeout) and err.peer_rank and not self.group.mesh:  # in a mesh the silent
+            return {err.peer_rank: f"silent: {err}"}  # one may be waiting on the lost one: probe instead
+        return {}
+
+    def _shrink(self, kept: list[int]) -> tuple[float, ...]:
+        """Ratios for the master + `kept` (current ranks; -1: a spare): as the user asked, over fewer devices."""
+        n = 1 + len(kept)
+        text = (self.opts.ratios or DEFAULT_PLACEMENT).strip()
+        if self.opts.shards or text == "equal":
+            return tuple(parse_ratios(None, n))
+        if text == "balanced":
+            return tuple(balanced_ratios(self.cfg, n, self.store.layout.private_layers))
+        mean = sum(self.ratios) / len(self.ratios)
+        return tuple([self.ratios[0]] + [self.ratios[r] if r >= 0 else mean for r in kept])
+
+    def _recover(self, err: CommError, t_start: float, pos: int) -> None:
+        """Regroup after `err` (again, if a device fails meanwhile), then replay positions 0..pos-1."""
+        world_before, lost_all, spares_used = self.group.world_size, {}, 0
+        for _ in range(self.group.world_size + self.opts.spares + 2):
+            lost = self._suspects(err)
+            t_detect = time.perf_counter()
+            self._step_times += self.master.step_times
+            self.master.close()
+            self._epoch += 1
+            standby = self.lobby.take() if self.lobby is not None else []
+            try:
+                new = regroup(self.group, lost, self._epoch, target_world=self.opts.devices, standby=standby,
+                              store=self.store, ratios=self.ratios, shrink=self._shrink, slices=self.slices,
+                              give_back=self.lobby.give_back)
+                self.group, self.store, self.ratios = new.group, new.store, new.ratios
+                self.member_of = {0: 0, **{r: self.member_of[old] if old is not None else mid
+                                           for r, (old, mid) in new.came_from.items()}}
+                self.master = Master(self.group, self.store, self._run_opts)
+                t_load = time.perf_counter()
+                if pos:
+                    self.master.step(np.asarray(self._fed[:pos], dtype=np.int64), 0)  # KV caches rebuilt
+            except CommError as e:  # another device failed during the recovery: start over without it
+                lost_all.update({r: why for r, why in lost.items()})
+                err = e
+                continue
+            except TpiError as e:  # no recovery possible: one line naming what was lost and why not
+                lost_all.update(lost)
+                names = ", ".join(f"rank {r} ({why})" for r, why in sorted(lost_all.items()))
+                raise TpiError(f"lost {names}; {e}") from None
+            lost_all.update(new.lost)
+            spares_used += new.spares_used
+            rec = Recovery(lost_all, world_before, self.group.world_size, spares_used, t_detect - t_start,
+                           new.probe_s, t_load - t_detect - new.probe_s, time.perf_counter() - t_load, pos)
+            self.recoveries.append(rec)
+            print(f"note: {rec.line()}", file=sys.stderr, flush=True)
+            return
+        raise TpiError(f"cannot recover: devices kept failing during the recovery ({err})")
 
     def report(self) -> dict:
         """The `tpi generate --json` fields of N devices: per rank and per token time splits."""
@@ -375,7 +566,8 @@ class ParallelSession:
             "per_rank": [{"rank": r.rank, "peak_rss_bytes": r.peak_rss_bytes, "page_cache_bytes": r.page_cache_bytes,
                           **r.time_split.to_json(), "window": r.window.to_json() if r.window is not None else {}}
                          for r in reports],
-            "per_token": [s.to_json() for s in self.master.step_times],
+            "per_token": [s.to_json() for s in self._step_times + self.master.step_times],
+            "recoveries": [r.to_json() for r in self.recoveries],
         }
 
     def write_trace(self, path: str) -> None:
@@ -386,6 +578,14 @@ class ParallelSession:
 
     def close(self, failed: bool = False) -> None:
         try:
+            if self.lobby is not None:  # standby devices: the session is over
+                for ch in self.lobby.take():
+                    try:
+                        ch.send_json(Kind.CONTROL, {"op": "stop"})
+                    except CommError:
+                        pass
+                    ch.close()
+                self.lobby.close()
             if self.master is not None:
                 if not failed and not self.master.reports:
                     try:

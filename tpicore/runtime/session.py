@@ -41,8 +41,10 @@ class GenerateOptions:
     retain_every: int = 0
     trace: bool = False  # record trace events
     private_layers: int | None = None  # layers 0..K-1 on the master alone; None: 0, or as --shards were written
-    dequantize_at_load: bool = False  # resident ggml weights as float32 (else kept quantized, dequantized per GEMV)
+    dequantize_at_load: bool = False  # ggml weights as float32 when loaded (else kept quantized, fused dequantize+GEMV)
     split_head: bool = False  # --split-head: the LM head sharded over the devices by vocabulary rows
+    failover: bool = True  # a lost device: re-split over the survivors and go on (--no-failover: fail the run)
+    spares: int = 0  # local standby worker processes (--spares; remote spares join with `tpi worker --spare`)
 
     @property
     def local(self) -> bool:
@@ -54,8 +56,9 @@ def make_source(store: TensorStore, window: int | None, retain_every: int = 0, e
                 drop_cache: bool = True, dequantize_at_load: bool = False) -> BlockSource:
     """All-resident weights, or the sliding-window scheduler when a window is asked for."""
     if window is None:
-        return ResidentSource(store, dequantize_at_load)
-    return WindowSource(store, window=window, retain_every=retain_every, env=env, drop_cache=drop_cache)
+        return ResidentSource(store, dequantize_at_load, env)
+    return WindowSource(store, window=window, retain_every=retain_every, env=env, drop_cache=drop_cache,
+                        dequantize_at_load=dequantize_at_load)
 
 
 def write_trace(path: str, per_rank: dict[int, list[TraceEvent]], t0: float) -> None:
