@@ -102,8 +102,9 @@ def test_api_key_required_off_loopback(tiny, tmp_path):
 
 
 def test_worker_killed_gives_503_and_health_names_the_rank(tiny):
+    """--no-failover: the lost device ends the group (the default recovers: test_failover.py)."""
     model, env, base = tiny
-    srv = LiveServer(["--model", model, "--devices", "3", "--timeout-s", "5"], env, base / "kill.log")
+    srv = LiveServer(["--model", model, "--devices", "3", "--timeout-s", "5", "--no-failover"], env, base / "kill.log")
     status, health = srv.health()
     assert status == 200 and health["status"] == "ok"
     pids = srv.pids()
@@ -150,7 +151,7 @@ def test_remote_workers_join_and_one_is_lost(tiny, tmp_path):
     port = s.getsockname()[1]
     s.close()
     srv = LiveServer(["--shards", str(shards), "--devices", "3", "--listen", f"127.0.0.1:{port}", "--secret-file",
-                      str(secret), "--timeout-s", "30"], env, base / "remote.log", wait=False)
+                      str(secret), "--timeout-s", "30", "--no-failover"], env, base / "remote.log", wait=False)
     workers = {r: subprocess.Popen([sys.executable, "-m", "tpicore", "worker", "--rank", str(r), "--master",
                                     f"127.0.0.1:{port}", "--shards", str(shards), "--secret-file", str(secret)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)

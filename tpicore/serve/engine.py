@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from tpicore.dist.failover import Recovery
 from tpicore.errors import TpiError
 from tpicore.runtime.report import TimeSplit
 from tpicore.runtime.session import GenerateOptions
@@ -57,6 +58,7 @@ class Reply:
     queue_s: float  # arrival -> generation started
     ttft_s: float  # arrival -> first token (0 when none was made)
     devices: list[DeviceSplit] = field(default_factory=list)  # per-rank time split of this reply
+    recoveries: list[Recovery] = field(default_factory=list)  # devices lost (and recovered from) meanwhile
 
     def timings_json(self) -> dict:
         t = self.turn
@@ -66,7 +68,7 @@ class Reply:
                 "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens, "new_prompt_tokens":
                 t.prompt_tokens - t.cached_tokens, "completion_tokens": len(t.tokens),
                 "token_latencies_ms": lat_ms, "tokens_per_s": len(lat_ms) / decode_s if decode_s > 0 else 0.0,
-                "devices": [d.to_json() for d in self.devices]}
+                "devices": [d.to_json() for d in self.devices], "recoveries": [r.to_json() for r in self.recoveries]}
 
 
 @dataclass(frozen=True)
@@ -201,17 +203,25 @@ class Engine:
 
     # ---- the engine thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        beat_s = self.group.heartbeat_s
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if self._closed:
+                idle = False
+                while not self._queue and not self._closed and not idle:
+                    idle = not self._cond.wait(beat_s)  # timed out: ping the devices
+                if idle and not self._queue and not self._closed:
+                    job = None
+                elif self._closed:
                     pending = list(self._queue)
                     self._queue.clear()
                     break
-                job = self._running = self._queue.popleft()
-                self.metrics.waiting.set(len(self._queue))
-                self.metrics.busy.set(1)
+                else:
+                    job = self._running = self._queue.popleft()
+                    self.metrics.waiting.set(len(self._queue))
+                    self.metrics.busy.set(1)
+            if job is None:
+                self._beat()
+                continue
             try:
                 self._run(job)
             finally:
@@ -221,7 +231,32 @@ class Engine:
         for job in pending:
             job.emit(FailedEvent(ServeError(503, "the server is shutting down")))
 
+    def _beat(self) -> None:
+        """Idle or at a request boundary: ping the devices (a lost one is recovered now, standby ones are
+        admitted up to --devices); a group that cannot go on is marked down."""
+        if self._down is not None or self.group.closed:
+            return
+        seen = len(self.group.recoveries())
+        try:
+            self.group.heartbeat()
+        except Exception as e:
+            self._lose(e)
+            return
+        self._note_recoveries(self.group.recoveries()[seen:])
+
+    def _note_recoveries(self, new: list[Recovery]) -> None:
+        m = self.metrics
+        for r in new:
+            m.recoveries.inc()
+            m.devices_lost.inc(len(r.lost))
+            m.recovery_s.observe(r.total_s)
+        if new:
+            m.devices_serving.set(self.group.devices)
+            m.devices_up.set(1 if self.group.devices >= self.group.target_devices else 0)
+            self._splits = self.group.splits()  # the new group's devices count from zero
+
     def _run(self, job: Job) -> None:
+        self._beat()  # a request boundary
         started = time.perf_counter()
         queue_s = started - job.arrived_s
         if self._down is not None:
@@ -244,14 +279,19 @@ class Engine:
                 self.metrics.token_latency.observe(latency_s)
             job.emit(TokenEvent(tok, piece, latency_s, time.perf_counter()))
 
+        seen = len(self.group.recoveries())
         try:
             turn = self.conversation.generate(job.request, job.cancelled, on_token)
+            recovered = self.group.recoveries()[seen:]
             after = self.group.splits()
-        except Exception as e:  # a device failed (or a bug): this group cannot serve any more
+        except Exception as e:  # a device failed beyond recovery (or a bug): this group cannot serve any more
             job.emit(FailedEvent(self._lose(e)))
             return
         if job.produced_at_cancel is not None:
             self.metrics.tokens_after_cancel.inc(job.produced - job.produced_at_cancel)
+        if recovered:  # the devices of the new group count from when it formed
+            self._note_recoveries(recovered)
+            self._splits = [TimeSplit()] * len(after)
         devices = split_between(self._splits, after)
         self._splits = after
         m = self.metrics
@@ -260,7 +300,7 @@ class Engine:
         m.cached_tokens.inc(turn.cached_tokens)
         m.completion_tokens.inc(len(turn.tokens))
         self._job_s = 0.8 * self._job_s + 0.2 * (time.perf_counter() - started)
-        job.emit(DoneEvent(Reply(turn, queue_s, first_s, devices)))
+        job.emit(DoneEvent(Reply(turn, queue_s, first_s, devices, recovered)))
 
     def _lose(self, err: Exception) -> ServeError:
         """Mark the group down, name the lost ranks, reap every device process, fail the queue."""

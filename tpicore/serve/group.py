@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tpicore.dist.failover import Recovery
 from tpicore.dist.tensor_parallel import ParallelSession
 from tpicore.errors import TpiError
 from tpicore.runtime.report import TimeSplit
@@ -78,7 +79,7 @@ class DeviceGroup:
 
     def __init__(self, session: LocalSession | ParallelSession, tokenizer: Tokenizer, ctx_tokens: int,
                  devices: int) -> None:
-        self.session, self.tokenizer, self.ctx_tokens, self.devices = session, tokenizer, ctx_tokens, devices
+        self.session, self.tokenizer, self.ctx_tokens, self.target_devices = session, tokenizer, ctx_tokens, devices
         cfg = session.cfg
         eos = tuple(cfg.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
         self.eos_ids: tuple[int, ...] = eos
@@ -106,6 +107,29 @@ class DeviceGroup:
             raise
         return cls(session, tokenizer, ctx, opts.devices)
 
+    @property
+    def devices(self) -> int:
+        """Devices serving now (fewer than asked for after a loss without a spare)."""
+        s = self.session
+        return s.group.world_size if isinstance(s, ParallelSession) and s.group is not None else self.target_devices
+
+    def recoveries(self) -> list[Recovery]:
+        """Every recovery from a lost device so far (tensor-parallel sessions with failover)."""
+        return list(self.session.recoveries) if isinstance(self.session, ParallelSession) else []
+
+    @property
+    def heartbeat_s(self) -> float | None:
+        """How often an idle group pings its devices (None: nothing to ping)."""
+        s = self.session
+        return s.opts.timeout_s / 4 if isinstance(s, ParallelSession) and s.failover else None
+
+    def heartbeat(self) -> None:
+        """Idle: ping every device (a lost one is recovered now); admit standby devices up to --devices."""
+        s = self.session
+        if isinstance(s, ParallelSession):
+            s.heartbeat()
+            s.grow()
+
     def step(self, ids: np.ndarray, pos: int) -> np.ndarray:
         """ids [T] at positions pos..pos+T-1 -> logits [1, V] of the last one."""
         return self.session.step(ids, pos, False)
@@ -125,7 +149,7 @@ class DeviceGroup:
         dead = sorted(rank for rank, _ in s.workers.dead())
         if dead:
             return dead
-        named = sorted({int(m) for m in _RANK_IN_MESSAGE.findall(str(err)) if 0 < int(m) < self.devices})
+        named = sorted({int(m) for m in _RANK_IN_MESSAGE.findall(str(err)) if 0 < int(m) < self.target_devices})
         return named
 
     def processes(self) -> list[RankProcess]:
@@ -133,8 +157,8 @@ class DeviceGroup:
         out = [RankProcess(0, os.getpid())]
         s = self.session
         if isinstance(s, ParallelSession):
-            local = {int(p.name.rsplit("-", 1)[1]): p.pid for p in s.workers.procs}
-            out += [RankProcess(r, local.get(r)) for r in range(1, self.devices)]
+            local = {int(p.name.rsplit("-", 1)[1]): p.pid for p in s.workers.procs}  # member id -> pid
+            out += [RankProcess(r, local.get(s.member_of[r])) for r in range(1, self.devices)]
         return out
 
     def close(self, failed: bool = False) -> None:

@@ -54,11 +54,19 @@ class Metrics:
                          for kind in ("compute", "comm", "load", "stall")}
         self.waiting = Gauge("tpi_queue_waiting", "Requests waiting for the device group", registry=r)
         self.busy = Gauge("tpi_busy", "1 while a generation runs", registry=r)
-        self.devices_up = Gauge("tpi_devices_up", "1 while every device serves, 0 after one was lost", registry=r)
+        self.devices_up = Gauge("tpi_devices_up", "1 while every device asked for serves, 0 after one was lost "
+                                "(and not replaced)", registry=r)
+        self.devices_serving = Gauge("tpi_devices_serving", "Devices in the group now", registry=r)
+        self.recoveries = Counter("tpi_recoveries", "Regroups after a lost device (or to admit standby ones)",
+                                  registry=r)
+        self.devices_lost = Counter("tpi_devices_lost", "Devices declared lost", registry=r)
+        self.recovery_s = Histogram("tpi_recovery_seconds", "From the failed step to the group serving again",
+                                    buckets=_LATENCY_BUCKETS_S, registry=r)
         for kind in self.device_s.values():  # every rank shows from the start, at 0
             for rank in range(devices):
                 kind.labels(rank=str(rank))
         self.devices_up.set(1)
+        self.devices_serving.set(devices)
 
     def request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
