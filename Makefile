@@ -14,7 +14,7 @@ WINDOW ?= 2
 ALLREDUCE ?= star
 CLOCK ?= virtual
 
-.PHONY: venv deps test emulate reproduce figures bench clean
+.PHONY: venv deps test emulate reproduce results-readme figures bench clean
 
 venv: $(STAMP)
 
@@ -43,15 +43,24 @@ emulate: $(STAMP)
 		$(if $(DTYPE),--dtype $(DTYPE),)
 
 # Every experiment of configs/experiments/ (one YAML per figure or table of the paper, plus the new ones),
-# then the figures: results/<experiment>.jsonl and results/figures/*.png. About 80 minutes on the
-# project's 2-core machine (each YAML's estimate_s; the run prints a line per point and the durations),
-# half of it the 70B-shaped points. ONLY=table1,fig5_scaling runs some; SMOKE=1 the tiny variants (seconds, results
-# to .cache/smoke-results/). Needs ~40 GB of free disk for the models (.cache/models, least recently used
-# evicted: TPI_EMU_CACHE_GB, TPI_EMU_DISK_RESERVE_GB).
+# one after another, then the figures: results/<experiment>.jsonl and results/figures/*.png. It prints its
+# estimate first (each YAML's estimate_s, measured on the project's 2-core machine), a line per point, and
+# the durations. Refuses a tree with uncommitted changes outside results/ (ALLOW_DIRTY=1 runs anyway and
+# records git_dirty) and a second reproduce while one runs. EXPERIMENT=table1 (or ONLY=table1,fig5_scaling)
+# runs some; SMOKE=1 the tiny variants (seconds, results to .cache/smoke-results/). Then
+# `make results-readme` regenerates results/README.md's numbers. Needs ~40 GB of free disk for the models
+# (.cache/models, least recently used evicted: TPI_EMU_CACHE_GB, TPI_EMU_DISK_RESERVE_GB).
 ONLY ?=
+EXPERIMENT ?=
 SMOKE ?=
+ALLOW_DIRTY ?=
 reproduce: $(STAMP)
-	$(BIN)/python -m emulator reproduce $(if $(ONLY),--only $(ONLY),) $(if $(SMOKE),--smoke,)
+	$(BIN)/python -m emulator reproduce $(if $(EXPERIMENT),--only $(EXPERIMENT),$(if $(ONLY),--only $(ONLY),)) \
+		$(if $(SMOKE),--smoke,) $(if $(ALLOW_DIRTY),--allow-dirty,)
+
+# results/README.md's numbers (the <!-- generated:NAME --> blocks) from the committed results/*.jsonl
+results-readme: $(STAMP)
+	$(BIN)/python -m emulator readme
 
 # Figures only, from the committed results/ (seconds)
 figures: $(STAMP)

@@ -8,6 +8,8 @@
     python -m emulator reproduce [--only a,b] [--smoke]          every configs/experiments/*.yaml, then the
                                                                  figures (what `make reproduce` runs)
     python -m emulator plot --all | --experiment NAME            figures from results/*.jsonl (emulator/figures/)
+    python -m emulator readme [--check]                          results/README.md's generated numbers from
+                                                                 results/*.jsonl (emulator/results/readme.py)
 
 A run config prints progress on stderr, appends one JSON line per run to results/<name>.jsonl and prints
 the summary table on stdout; an experiment prints one line per sweep point and writes
@@ -29,7 +31,13 @@ from typing import Sequence
 from emulator.config.overrides import parse_override
 from emulator.config.run_config import MODEL_DTYPES, load_run_config
 from emulator.figures import plot
-from emulator.run.experiments import is_experiment_file, reproduce, run_experiment
+from emulator.results import readme
+from emulator.run.experiments import (
+    infeasible,
+    is_experiment_file,
+    reproduce,
+    run_experiment,
+)
 from emulator.run.launcher import EXIT_INTERRUPTED, EXIT_SETUP, Run
 from tpicore.errors import TpiError
 from tpicore.tools.synth.presets import PRESETS
@@ -69,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--smoke", action="store_true", help="the tiny variants (results to .cache/smoke-results/ "
                                                           "unless --results)")
     rep.add_argument("--no-plot", action="store_true", help="do not draw the figures afterwards")
+    rep.add_argument("--allow-dirty", action="store_true", help="run into results/ although the tree has "
+                     "uncommitted changes (the lines record git_dirty: true)")
     rep.add_argument("--verbose", action="store_true", help="each point's own progress too")
     rep.add_argument("--results", metavar="DIR", help="results folder (default: results/ in the checkout)")
     rep.add_argument("--cache-dir", metavar="DIR", help="synthesized models, shards, device logs "
@@ -86,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "q8_0, q4_k, ...")
     _common(em)
     plot.add_arguments(sub.add_parser("plot", help="figures from results/*.jsonl (emulator/figures/)"))
+    rd = sub.add_parser("readme", help="regenerate results/README.md's numbers from results/*.jsonl")
+    rd.add_argument("--check", action="store_true", help="only say whether they are current (exit 1 if not)")
     return parser
 
 
@@ -129,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "plot":
         return plot.run(args)
+    if args.command == "readme":
+        try:
+            return readme.main(check=args.check)
+        except TpiError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_SETUP
     try:  # setup errors are one line and EXIT_SETUP, Ctrl-C EXIT_INTERRUPTED, for every command
         return _dispatch(args)
     except TpiError as e:
@@ -146,7 +164,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "reproduce":
         only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
         return reproduce(only, smoke=args.smoke, results_dir=args.results, cache_dir=args.cache_dir,
-                         verbose=args.verbose, draw=None if args.no_plot else draw_figures)
+                         verbose=args.verbose, draw=None if args.no_plot else draw_figures,
+                         allow_dirty=args.allow_dirty)
     if args.command == "run":
         if is_experiment_file(args.config):
             if args.name or args.mem_cap or args.cgroup_root:
@@ -159,6 +178,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise TpiError(f"--smoke: {args.config} is a run config, not an experiment file")
 
     cfg = load_run_config(args.config, overrides_for(args))
+    why = infeasible(cfg) if args.command == "emulate" else None
+    if why:  # before preparing the model: name the limit and a model that fits (MODEL=...)
+        raise TpiError(f"--devices: {why}")
     outcome = Run(cfg, results_dir=args.results, cache_dir=args.cache_dir, progress=not args.quiet).run()
     if outcome.summary:
         print(outcome.summary, flush=True)

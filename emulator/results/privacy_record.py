@@ -1,6 +1,6 @@
 """One line of the privacy experiment (results/privacy.jsonl): prompt recovery and latency for one K.
 
-Layer: results (imports nothing of the emulator). Owns the record's fields and its JSON form; written by
+Layer: results (imports emulator.results.provenance only). Owns the record's fields and its JSON form; written by
 emulator/run/privacy.py through emulator.results.record.append_record, read back by read_records (which
 dispatches on "runner": "privacy") for the figure emulator/figures/privacy.py. Must not run anything.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from emulator.results.provenance import Provenance
 
 Json = dict[str, Any]
 
@@ -38,6 +40,7 @@ class PrivacyRecord:
     error: str | None
     wall_s: float
     time: str
+    provenance: Provenance | None = None  # commit, dirty flag, host load; None on lines written before it
 
     @property
     def point(self) -> Json:
@@ -51,11 +54,13 @@ class PrivacyRecord:
         return {"experiment": self.experiment, "runner": "privacy", "sweep": self.sweep, "point": self.point,
                 "config": self.config, "recovery": dict(self.recovery),
                 "ttft_s": self.ttft_s, "token_latency_s": self.token_latency_s, "error": self.error,
-                "wall_s": self.wall_s, "time": self.time}
+                "wall_s": self.wall_s, "time": self.time,
+                **({"provenance": self.provenance.to_json()} if self.provenance else {})}
 
     @classmethod
     def from_json(cls, d: Json) -> "PrivacyRecord":
         return cls(experiment=d["experiment"], sweep=d["sweep"], private_layers=int(d["point"]["private_layers"]),
                    config=d["config"], recovery={k: float(v) for k, v in d["recovery"].items()},
                    ttft_s=d["ttft_s"], token_latency_s=d["token_latency_s"], error=d["error"],
-                   wall_s=d["wall_s"], time=d["time"])
+                   wall_s=d["wall_s"], time=d["time"],
+                   provenance=Provenance.from_json(d["provenance"]) if d.get("provenance") is not None else None)

@@ -1,7 +1,8 @@
 """Experiments: one YAML per figure or table in configs/experiments/, each a base run config and a sweep.
 
     python -m emulator run configs/experiments/table1.yaml [--smoke]   one experiment, every point
-    python -m emulator reproduce [--only table1,fig5] [--smoke]        all of them (`make reproduce`)
+    python -m emulator reproduce [--only table1,fig5] [--smoke]        all of them (`make reproduce`;
+                                        [--allow-dirty]               `make reproduce EXPERIMENT=table1`)
 
 An experiment file:
 
@@ -46,6 +47,14 @@ Results are written to <results>/.staging/<name>.jsonl and moved over <results>/
 sweep is done, so an interrupted run never clobbers committed results. `--smoke` writes to
 .cache/smoke-results/ unless --results is given, for the same reason.
 
+Provenance (emulator/results/provenance.py): `reproduce` into the committed results/ refuses a tree with
+changes outside results/ unless allow_dirty (`--allow-dirty`, `make reproduce ALLOW_DIRTY=1`), and holds
+.cache/reproduce.lock while it runs, so two reproduce commands never run experiments at the same time; the
+experiments themselves run one after another. Every line carries `provenance` (commit, dirty flag, host
+load at start and end): the launcher stamps run lines, this module skipped points' and the runners' lines
+(one load window per runner invocation). Windowed tpi points get the planner's stall prediction before they
+run (emulator/results/planned.py: from the config alone), recorded as the line's `prediction`.
+
 Layer: run. The files are tpicore.schema models (errors name the file and the field); figures are drawn
 by the caller (`draw`, from emulator/cli.py), never imported here.
 """
@@ -71,6 +80,13 @@ from emulator.config.run_config import (
     load_run_config,
     resolved_doc,
 )
+from emulator.results.planned import planned_stall
+from emulator.results.provenance import (
+    ProvenanceProbe,
+    code_state,
+    exclusive_lock,
+    require_clean,
+)
 from emulator.results.record import ResultRecord, RunRecord, append_record, read_records
 from emulator.run import allreduce_sweep, privacy
 from emulator.run.launcher import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_TERMINATED, Run
@@ -80,6 +96,8 @@ from tpicore.tools.synth.presets import PRESETS
 
 EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
 SMOKE_RESULTS = ROOT / ".cache" / "smoke-results"
+COMMITTED_RESULTS = ROOT / "results"
+LOCK_PATH = ROOT / ".cache" / "reproduce.lock"
 KEYS = ("name", "description", "paper", "estimate_s", "base", "set", "sweep", "smoke", "runner")
 CONFIG_ROOTS = set(SECTIONS) | {"devices", "links"}
 # point keys that only label a point for the plots (emulator/figures/), never applied to the config
@@ -314,7 +332,10 @@ def infeasible(cfg: RunConfig) -> str | None:
     if cfg.options.mode == "pipeline" and n > layers:
         return f"pipeline: {n} stages cannot split {layers} layers"
     if cfg.options.tensor_parallel and n > c["num_attention_heads"]:
-        return f"{cfg.options.mode}: {n} devices cannot split {c['num_attention_heads']} attention heads"
+        fits = [p for p, d in PRESETS.items() if d["num_attention_heads"] >= n and d["intermediate_size"] >= n]
+        hint = f" (a model that fits: {', '.join(fits)})" if fits else ""
+        return (f"{cfg.options.mode}: {n} devices cannot split {c['num_attention_heads']} attention heads of "
+                f"{cfg.model.synth}: at most {c['num_attention_heads']} devices{hint}")
     return None
 
 
@@ -334,12 +355,29 @@ class SweepOutcome:
     interrupted: bool = False
 
 
-def skipped_record(spec: Spec, point: dict, cfg: RunConfig | None, error: str) -> RunRecord:
+def skipped_record(spec: Spec, point: dict, cfg: RunConfig | None, error: str,
+                   probe: ProvenanceProbe | None = None) -> RunRecord:
     """A results line for a point that did not run (same keys as a run's line, values empty)."""
     config = cfg.to_json() if cfg else {"name": spec.name, "source": spec.source}
     config["description"] = spec.description
     return RunRecord.skipped_point(experiment=spec.name, point=point, mode=cfg.options.mode if cfg else None,
-                                   config=config, error=error)
+                                   config=config, error=error, provenance=(probe or ProvenanceProbe()).stamp())
+
+
+def _write_all(path: Path, records: Sequence[ResultRecord]) -> None:
+    """Replace `path` with these records (the staged file once predictions and provenance are on them)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    for r in records:
+        append_record(tmp, r)
+    if records:
+        os.replace(tmp, path)
+
+
+def _with_prediction(records: Sequence[RunRecord], prediction: dict[str, float] | None) -> list[RunRecord]:
+    if prediction is None:
+        return list(records)
+    return [dataclasses.replace(r, prediction=prediction) for r in records]
 
 
 def point_line(spec: Spec, i: int, n: int, point: dict, records: list[RunRecord], wall_s: float) -> str:
@@ -358,6 +396,8 @@ def point_line(spec: Spec, i: int, n: int, point: dict, records: list[RunRecord]
         bits.append(f"TTFT {ttft:.3g} s")
         if lats:
             bits.append(f"{sum(lats) / len(lats):.3g} s/token")
+    if r.prediction:
+        bits.append(f"planner's stall {max(r.prediction.values()):.3g} s/token")
     mem = max((d.peak_mem_bytes for x in records for d in x.devices.values()), default=0)
     bits.append(f"peak {mem / 2**30:.2f} GiB/device")
 
@@ -399,6 +439,7 @@ def run_experiment(path: str | Path, results_dir: str | Path | None = None, cach
     for i, point in enumerate(spec.points):
         p0 = time.monotonic()
         cfg = None
+        probe = ProvenanceProbe()
         try:
             cfg = point_config(spec, i)
             resolved = cfg.to_json()
@@ -416,9 +457,10 @@ def run_experiment(path: str | Path, results_dir: str | Path | None = None, cach
             why = infeasible(cfg)
             if why:
                 raise TpiError(why)
+            prediction = planned_stall(cfg.to_json())  # a priori: from the config, before anything runs
             res = Run(cfg, results_dir=staging, cache_dir=cache_dir, progress=verbose, point=point,
                       description=spec.description).run()
-            recs = res.records
+            recs = _with_prediction(res.records, prediction)
             if res.exit_code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
                 out.interrupted = True
                 say(f"{spec.name}: interrupted at point {i + 1}/{n}; results so far in {staged}")
@@ -428,7 +470,7 @@ def run_experiment(path: str | Path, results_dir: str | Path | None = None, cach
             else:
                 done[key] = (i, recs)
         except TpiError as e:
-            rec = skipped_record(spec, point, cfg, str(e))
+            rec = skipped_record(spec, point, cfg, str(e), probe)
             append_record(staged, rec)
             recs = [rec]
         out.records += recs
@@ -436,6 +478,7 @@ def run_experiment(path: str | Path, results_dir: str | Path | None = None, cach
     out.wall_s = time.monotonic() - t0
     if not out.interrupted:
         if staged.exists():
+            _write_all(staged, out.records)  # the same lines, now with the planner's predictions
             os.replace(staged, out.results_path)
         _tidy(staging)
         say(f"{spec.name}: done in {out.wall_s / 60:.1f} min -> {out.results_path}")
@@ -456,10 +499,13 @@ def _run_allreduce(spec: Spec, staging: Path, staged: Path, out: SweepOutcome, s
     in the same place."""
     module = privacy if spec.runner == "privacy" else allreduce_sweep
     say(f"{spec.name}: {spec.runner} runner ({module.__name__}){' (smoke)' if smoke else ''}")
+    probe = ProvenanceProbe()
     code = module.run_config(spec.source, staging, smoke=smoke, quiet=not verbose)
     out.wall_s = time.monotonic() - t0
     if staged.exists():
-        out.records = read_records(staged)
+        stamp = probe.stamp()  # one load window for the whole runner invocation
+        out.records = [r if r.provenance else dataclasses.replace(r, provenance=stamp) for r in read_records(staged)]
+        _write_all(staged, out.records)
         os.replace(staged, out.results_path)
     _tidy(staging)
     out.failed = int(code != 0)
@@ -481,26 +527,54 @@ def experiment_files(only: Sequence[str] | None = None) -> list[Path]:
 Draw = Callable[[Sequence[str], Path], int]  # (experiment names, results folder) -> exit code (0: drawn)
 
 
+def estimate_s(spec: Spec) -> tuple[float, str] | None:
+    """(seconds, where from): the experiment's estimate_s, else the wall time its committed lines record."""
+    if spec.estimate_s:
+        return spec.estimate_s, "estimate_s"
+    path = COMMITTED_RESULTS / f"{spec.name}.jsonl"
+    if not path.exists():
+        return None
+    walls = [r.wall_s for r in read_records(path, on_bad=lambda why: None) if r.wall_s]
+    return (sum(walls), "committed lines' wall_s") if walls else None
+
+
+def estimate_line(specs: Sequence[Spec]) -> str:
+    """The expected duration, total and per experiment: each YAML's estimate_s (measured on the project's
+    2-core machine), else the wall time the committed lines of that experiment record."""
+    known = [(s, e) for s in specs if (e := estimate_s(s))]
+    parts = ", ".join(f"{s.name} {e[0] / 60:.1f}" + ("*" if e[1] != "estimate_s" else "") for s, e in known)
+    missing = [s.name for s in specs if s.name not in {k.name for k, _ in known}]
+    return (f"estimated {sum(e[0] for _, e in known) / 60:.0f} min ({parts} min; *: from the committed lines' "
+            "wall_s)" + (f"; no estimate for {', '.join(missing)}" if missing else ""))
+
+
 def reproduce(only: Sequence[str] | None = None, smoke: bool = False, results_dir: str | Path | None = None,
-              cache_dir: str | Path | None = None, verbose: bool = False, draw: Draw | None = None) -> int:
-    """Every experiment (or `only` some), then their figures with `draw` (if given); prints a line per point
-    and the durations."""
+              cache_dir: str | Path | None = None, verbose: bool = False, draw: Draw | None = None,
+              allow_dirty: bool = False) -> int:
+    """Every experiment (or `only` some), one after another, then their figures with `draw` (if given);
+    prints the estimate, a line per point and the durations. Into the committed results/ (not smoke):
+    refuses a dirty tree unless `allow_dirty`; always refuses to run beside another reproduce."""
     files = experiment_files(only)
-    results = Path(results_dir) if results_dir else (SMOKE_RESULTS if smoke else ROOT / "results")
+    results = Path(results_dir) if results_dir else (SMOKE_RESULTS if smoke else COMMITTED_RESULTS)
     specs = [load_experiment(f, smoke) for f in files]  # all parse before anything runs
-    total_est = sum(s.estimate_s or 0 for s in specs)
-    print(f"reproduce: {len(specs)} experiments{' (smoke)' if smoke else ''} -> {results}"
-          + (f"; estimated {total_est / 60:.0f} min" if total_est and not smoke else ""), flush=True)
-    t0 = time.monotonic()
-    durations, failed = [], 0
-    for f in files:
-        o = run_experiment(f, results, cache_dir, smoke=smoke, verbose=verbose)
-        durations.append((o.name, o.wall_s))
-        failed += o.failed
-        if o.interrupted:
-            print("reproduce: interrupted", flush=True)
-            return 130
-    total = time.monotonic() - t0
+    committed = not smoke and results.resolve() == COMMITTED_RESULTS.resolve()
+    commit = require_clean(allow_dirty) if committed else (code_state().commit or "no commit")[:12]
+    lock = exclusive_lock(LOCK_PATH, "reproduce")
+    try:
+        print(f"reproduce: {len(specs)} experiments{' (smoke)' if smoke else ''} at {commit} -> {results}"
+              + ("" if smoke else f"; {estimate_line(specs)}"), flush=True)
+        t0 = time.monotonic()
+        durations, failed = [], 0
+        for f in files:
+            o = run_experiment(f, results, cache_dir, smoke=smoke, verbose=verbose)
+            durations.append((o.name, o.wall_s))
+            failed += o.failed
+            if o.interrupted:
+                print("reproduce: interrupted", flush=True)
+                return 130
+        total = time.monotonic() - t0
+    finally:
+        os.close(lock)
     print("\nreproduce: durations", flush=True)
     for (name, wall), spec in zip(durations, specs):
         est = f"  (estimate {spec.estimate_s / 60:.0f} min)" if spec.estimate_s and not smoke else ""

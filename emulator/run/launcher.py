@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from emulator.config.run_config import ROOT, RunConfig
 from emulator.host.limits import MemoryWatchdog, read_rss
-from emulator.results.provenance import host_info
+from emulator.results.provenance import ProvenanceProbe, host_info
 from emulator.results.record import OomStop, RunMeasurement, RunRecord, append_record
 from emulator.results.report import summary
 from emulator.run.baselines import resident_extra_bytes
@@ -270,7 +270,8 @@ class Run:
             extra[name] = self.resident_extra[rank]
         return RunRecord.measured(experiment=self.cfg.name, point=self.point, mode=self.cfg.options.mode,
                                   config=self.config_json, measurement=measured, peak_rss_bytes=peaks,
-                                  extra_bytes=extra, caps=self.caps, oom=stops, error=error)
+                                  extra_bytes=extra, caps=self.caps, oom=stops, error=error,
+                                  provenance=self.probe.stamp())
 
     # -- entry ---------------------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -278,6 +279,7 @@ class Run:
         out = Outcome(results_path=str(self.results_dir / f"{cfg.name}.jsonl"))
         self.records = out.records
         t0 = time.monotonic()
+        self.probe = ProvenanceProbe()  # commit, dirty flag, load at the start (each line: its own window)
         in_main = threading.current_thread() is threading.main_thread()
         old_term = signal.signal(signal.SIGTERM, _on_signal) if in_main else None
         if in_main:  # Ctrl-C the same way: the first one stops the run, later ones are held off the cleanup
