@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 
+from emulator.host.cgroup import DeviceCgroup
 from emulator.host.limits import (
     BLAS_ENV_VARS,
-    DeviceCgroup,
     MemoryWatchdog,
     blas_env,
     read_rss,
@@ -135,7 +135,7 @@ def test_cgroup_v1_fake_root_and_cleanup_on_error(tmp_path):
     assert not (mem / "d1").exists() and not (cpu / "d1").exists()
 
     # CPU limit without a cpu hierarchy: refused, and the memory group already made is removed again
-    with pytest.raises(TpiError, match="needs --cgroup-cpu-root"):
+    with pytest.raises(TpiError, match="a CPU limit needs cpu_root"):  # names no flag that does not exist
         with DeviceCgroup(mem, "d2", mem_bytes=MiB, cpus=1):
             pass
     assert not (mem / "d2").exists()

@@ -8,13 +8,15 @@ its grouping and labels (panel, testbed, paper_model) from `point`. Must not dra
     results/<experiment>.jsonl       one line per run (RunRecord; Fig. 3: AllreduceRecord)
       | per point, keep only the lines of the latest sweep that measured it (a rerun replaces)
       | aggregate the runs of one point: median TTFT / token latency over completed runs, the max peak
-      |   memory over devices and runs, OOM when any run ran (or would have run) out of memory
+      |   memory over devices and runs, OOM when any run ran (or would have run) out of memory: "OOM" when a
+      |   device was really stopped (watchdog / cgroup), "OOM (extrap.)" when a run completed and only its
+      |   extrapolated memory is over the cap -- figures draw and label the two differently
       v
     Point, and per line: model_name, mode_of, window_of, devices_of, link_latency_ms, bandwidth_mbps, cores_of
 
 The paper model of a line: its point's `paper_model` label, else the model that ran (synth preset or
 checkpoint folder). Memory: peak_mem_bytes (peak RSS plus what a unique-layer model leaves out), max
-over devices; OOM: `oom` or `mem_over_cap` non-empty.
+over devices; OOM: `oom` (a real stop) or `mem_over_cap` (without a stop: extrapolated) non-empty.
 """
 
 from __future__ import annotations
@@ -131,10 +133,23 @@ def peak_bytes(rec: RunRecord) -> int | None:
     return max(peaks) if peaks else None
 
 
+OOM_STOPPED = "OOM"  # a device was really stopped at its cap (watchdog, watchdog (peak) or cgroup)
+OOM_EXTRAPOLATED = "OOM (extrap.)"  # the run completed; measured RSS + computed repeated layers > cap
+
+
 def out_of_memory(rec: RunRecord) -> bool:
     """A device was stopped for exceeding its cap (`oom`), or its extrapolated memory is above the cap
     (`mem_over_cap`: it ran to the end, so its times stand, but a real device would have run out)."""
     return bool(rec.oom or rec.mem_over_cap)
+
+
+def oom_kind(rec: RunRecord) -> str:
+    """OOM_STOPPED when a device of the run was really stopped, OOM_EXTRAPOLATED when none was but the
+    memory of one (measured RSS + the repeated layers a unique-layer model leaves out) is over its cap,
+    "" otherwise."""
+    if rec.oom:
+        return OOM_STOPPED
+    return OOM_EXTRAPOLATED if rec.mem_over_cap else ""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,15 +194,23 @@ class Point:
         return any(out_of_memory(r) for r in self.records)
 
     @property
+    def oom_kind(self) -> str:
+        """OOM_STOPPED when any run was really stopped, else OOM_EXTRAPOLATED when any run's memory only
+        extrapolates over the cap, else ""."""
+        kinds = {oom_kind(r) for r in self.records}
+        return OOM_STOPPED if OOM_STOPPED in kinds else (OOM_EXTRAPOLATED if OOM_EXTRAPOLATED in kinds else "")
+
+    @property
     def failed(self) -> bool:
         """No run of the point completed (OOM, an error, or skipped: a point that cannot run)."""
         return not self.ok
 
     @property
     def status(self) -> str:
-        """What a figure marks on the point: "" (ran), "OOM", "skipped" or "error"."""
+        """What a figure marks on the point: "" (ran), "OOM" (a device was stopped), "OOM (extrap.)" (ran;
+        its extrapolated memory is over the cap), "skipped" or "error"."""
         if self.oom:
-            return "OOM"
+            return self.oom_kind
         if self.failed:
             return "skipped" if all(r.skipped for r in self.records) else "error"
         return ""

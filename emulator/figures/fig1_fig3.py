@@ -33,6 +33,7 @@ from emulator.figures.style import (
     OTHER_COLOR,
     finish,
     integer_x,
+    mark_oom,
     mem_unit,
     new_figure,
     ordered_models,
@@ -125,8 +126,7 @@ def fig1_memory(records: list[RunRecord], tables: dict, out: Path) -> None:
                 wl = f" (w={','.join(map(str, windows))})" if windows else ""
                 ax.plot(xs, ys, "-" + markers[mi % 7], color=color, label=label + wl + tag)
             for n, p in sel:
-                if p.oom:
-                    ax.annotate("OOM", (n, p.peak_bytes / scale if p.peak_bytes else 0), fontsize=7, color=color)
+                mark_oom(ax, n, p.peak_bytes / scale if p.peak_bytes else None, p, color)
         dims = mine[-1].rec.setting.model.dims
         ns = sorted({devices_of(p.rec) for p in mine})
         windows = sorted({window_of(p.rec) for p in mine if window_of(p.rec)}) or [2]

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, MaxNLocator, ScalarFormatter
 
-from emulator.figures.data import Point, description
+from emulator.figures.data import OOM_EXTRAPOLATED, OOM_STOPPED, Point, description
 from emulator.results.record import ResultRecord
 
 MiB, GiB = 2**20, 2**30
@@ -81,10 +81,46 @@ def mem_unit(values: Iterable[float | None]) -> tuple[str, float]:
     return ("GiB", GiB) if vals and max(vals) >= 2 * GiB else ("MiB", MiB)
 
 
+# An OOM is drawn as what it is: a device really stopped at its cap, or a run that completed and whose memory
+# only extrapolates over the cap (measured RSS + the repeated layers of a unique-layer model). Never mixed:
+# each has its own hatch (bars) or marker (lines) and legend entry.
+OOM_HATCH = {OOM_STOPPED: "///", OOM_EXTRAPOLATED: "..."}
+OOM_MARKER = {OOM_STOPPED: dict(marker="X", ms=9, color="black"),
+              OOM_EXTRAPOLATED: dict(marker="o", ms=11, mfc="none", color="black")}
+OOM_KEY = {OOM_STOPPED: "OOM: a device was stopped at its cap (watchdog or cgroup)",
+           OOM_EXTRAPOLATED: "OOM (extrap.): ran to the end; measured RSS + the model's repeated layers > cap"}
+
+
+def oom_key(ax, kind: str, bar: bool) -> None:
+    """Add the legend entry of an OOM kind to `ax` once (a hatched patch for bars, a marker for lines)."""
+    if kind not in OOM_KEY or OOM_KEY[kind] in ax.get_legend_handles_labels()[1]:
+        return
+    if bar:
+        ax.bar([0], [0], 0, color="white", edgecolor="black", hatch=OOM_HATCH[kind], label=OOM_KEY[kind])
+    else:
+        ax.plot([], [], ls="none", label=OOM_KEY[kind], **OOM_MARKER[kind])
+
+
+def mark_oom(ax, x: float, y: float | None, p: Point, color: str) -> None:
+    """Mark an OOM point of a line at (x, y): a filled X for a real stop, a hollow ring for an extrapolated
+    one, each labelled and keyed in the legend; y None (no value to draw): the label at the axis foot."""
+    kind = p.oom_kind
+    if not kind:
+        return
+    if y is None:
+        ax.annotate(kind, (x, 0), xycoords=("data", "axes fraction"), fontsize=7, color=color, rotation=90,
+                    va="bottom")
+    else:
+        ax.plot([x], [y], ls="none", zorder=5, **OOM_MARKER[kind])
+        ax.annotate(kind, (x, y), fontsize=7, color=color, xytext=(4, 4), textcoords="offset points")
+    oom_key(ax, kind, bar=False)
+
+
 def bars(ax, groups: list[str], series: list[Series], ylabel: str, title: str = "") -> None:
     """Grouped bars: x = groups; each series (label, color, values, marks). A marked bar ("OOM",
-    "skipped", "error"; True = "OOM") is hatched and labelled: drawn at its value when there is one (the
-    paper prints memory for OOM rows), else at a stub height."""
+    "OOM (extrap.)", "skipped", "error"; True = "OOM") is hatched and labelled: drawn at its value when
+    there is one (the paper prints memory for OOM rows), else at a stub height. Our two OOM kinds have
+    their own hatch (/// stopped, ... extrapolated) and legend entry."""
     finite = [v for _, _, vals, _ in series for v in vals if v is not None]
     stub = (max(finite) if finite else 1.0) * 0.12
     k = max(1, len(series))
@@ -95,7 +131,9 @@ def bars(ax, groups: list[str], series: list[Series], ylabel: str, title: str = 
         drawn = ax.bar(xs, heights, width, color=color, label=label, edgecolor="black", linewidth=0.3)
         for rect, v, f in zip(drawn, vals, failed):
             if f:  # hatched: white with a coloured hatch at a stub height, or pale with a black hatch
-                rect.set_hatch("///")
+                rect.set_hatch(OOM_HATCH.get(f, "///") if isinstance(f, str) else "///")
+                if isinstance(f, str):
+                    oom_key(ax, f, bar=True)
                 rect.set_facecolor("white" if v is None else (*rect.get_facecolor()[:3], 0.35))
                 rect.set_edgecolor(color if v is None else "black")
                 ax.annotate(f if isinstance(f, str) else "OOM",
@@ -179,5 +217,7 @@ def plot_lines(ax, lines: Lines, scale: float = 1.0, style: str = "-o", mark_fai
                 ax.axvline(x, color=color, ls=":", lw=0.8)
                 ax.annotate(p.status, (x, 0), xycoords=("data", "axes fraction"),
                             fontsize=7, color=color, rotation=90, va="bottom")
-            elif p.oom and y is not None:  # ran, but its memory extrapolates above the device's cap
-                ax.annotate("OOM", (x, y / scale), fontsize=7, color=color, xytext=(3, 3), textcoords="offset points")
+                if p.oom:
+                    oom_key(ax, p.oom_kind, bar=False)
+            elif p.oom and y is not None:  # some run was stopped, or it ran and its memory extrapolates over the cap
+                mark_oom(ax, x, y / scale, p, color)

@@ -38,6 +38,7 @@ from emulator.figures.style import (
     finish,
     integer_x,
     log_y,
+    mark_oom,
     mem_unit,
     new_figure,
     ordered_models,
@@ -99,8 +100,9 @@ def table1(records: list[RunRecord], tables: dict, out: Path) -> None:
     axes[0][0].legend(fontsize=8)
     axes[0][1].legend(fontsize=8)
     finish(fig, out, "Table 1: TTFT, token latency and peak memory, scheduler off / on", records,
-           "Hatched = OOM, or a point that could not run (skipped). The paper prints the memory an OOM run "
-           "would need; ours draws the times of a run whose memory only extrapolates above its cap. ours: median "
+           "Hatched = OOM, or a point that could not run (skipped); ours: /// a device was stopped at its cap, "
+           "... OOM (extrap.): the run completed and only its extrapolated memory is above its cap (its times "
+           "are drawn). The paper prints the memory an OOM run would need. ours: median "
            "over runs; peak memory = max over devices of peak RSS (+ the repeated layers a unique-layer model "
            "leaves out). Our models are scaled down, so compare bars within a panel, not across the two columns.")
 
@@ -137,8 +139,7 @@ def table2_6_memory(records: list[RunRecord], tables: dict, out: Path) -> None:
             ys = [p.peak_bytes / mscale for _, p in sel if p.peak_bytes]
             twin.plot(xs, ys, "--o", color=color, ms=4, label=f"ours: {'w=' + str(w) if w else 'no scheduler'}")
             for n, p in sel:
-                if p.oom:
-                    twin.annotate("OOM", (n, p.peak_bytes / mscale if p.peak_bytes else 0), fontsize=7, color=color)
+                mark_oom(twin, n, p.peak_bytes / mscale if p.peak_bytes else None, p, color)
         twin.set_ylabel(f"ours: peak memory ({mu})")
         if i == 0:
             h1, l1 = ax.get_legend_handles_labels()
@@ -180,7 +181,8 @@ def fig6_baselines(records: list[RunRecord], tables: dict, out: Path) -> None:
          "paper: s, s/token", "paper: TPI-LLM (Table 1)")
     axes[0][2].legend(fontsize=7)
     finish(fig, out, "Fig. 6: TPI-LLM vs baselines (8 devices)", records,
-           "ours: median over runs; hatched = OOM, skipped (cannot run) or error. paper: Fig. 6's bars are "
+           "ours: median over runs; hatched = OOM (/// stopped at its cap; ... extrapolated: ran, memory only "
+           "extrapolates over the cap), skipped (cannot run) or error. paper: Fig. 6's bars are "
            "not tabulated; its TPI-LLM values are Table 1's (right). Its claims: TPI-LLM beats Standalone, "
            "MP (pipeline) and Galaxy; Galaxy's ring is slower than MP.")
 
@@ -240,5 +242,6 @@ def table3_laptops(records: list[RunRecord], tables: dict, out: Path) -> None:
     axes[0][0].legend(fontsize=7)
     axes[0][1].legend(fontsize=7)
     finish(fig, out, "Tables 3 and 8: four and three laptops, baselines vs TPI-LLM", records,
-           "Baselines run on one device (the M1 in the paper); hatched = OOM. Log scale. The paper's claims: "
+           "Baselines run on one device (the M1 in the paper); hatched = OOM (/// stopped at its cap, ... "
+           "extrapolated). Log scale. The paper's claims: "
            "TPI-LLM cuts TTFT and token latency by >80% vs Accelerate and >90% vs Transformers.")

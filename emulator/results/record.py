@@ -47,7 +47,9 @@ ttft_s / token_latencies_s / token_latency_s are one TokenTimings):
                         offload: blocking, so also counted in stall_s); stall_s: waiting for weights;
                         pipeline: comm_s is the time a stage waits for its input (other stages' compute
                         included) plus sending its output
-    oom                 [] or [{device, rss_bytes, cap_bytes, by}]: devices stopped for exceeding their cap
+    oom                 [] or [{device, rss_bytes, cap_bytes, by, charged_bytes}]: devices really stopped for
+                        exceeding their cap, by the watchdog, the watchdog (peak) or the cgroup (OomStop;
+                        charged_bytes absent on older lines)
     error               null, or why the run did not complete
     skipped             true on a point that could not run (absent otherwise)
     wall_s              real seconds the run took on this host
@@ -62,6 +64,9 @@ ttft_s / token_latencies_s / token_latency_s are one TokenTimings):
     time                when the run ended (UTC, ISO 8601)
     sweep, prediction   optional: the id of the invocation that wrote the line; the planner's stall
                         prediction {"stall_per_token_s": {device: seconds}} (drawn by stall_prediction)
+    provenance          optional (absent on older lines): the commit, its dirty flag and the host's load
+                        at the run's start and end (emulator/results/provenance.py Provenance); every line
+                        kind carries it
 
 Lines are appended with one write() on an O_APPEND descriptor, so concurrent experiments writing the
 same file never interleave within a line; a short write is cut back off the file.
@@ -82,7 +87,7 @@ import numpy as np
 from emulator.config.collective_model import PAPER_TAU, hops
 from emulator.config.topology import Machine, Link
 from emulator.results.privacy_record import PrivacyRecord
-from emulator.results.provenance import utc_now
+from emulator.results.provenance import Provenance, utc_now
 from tpicore.errors import TpiError
 from tpicore.runtime.report import RankReport, TimeSplit, TraceEvent
 from tpicore.runtime.window_stats import WindowStats
@@ -227,14 +232,24 @@ class RunSetting:
 # A run's line
 
 
+OOM_BY = ("watchdog", "watchdog (peak)", "cgroup")  # OomStop.by: who stopped the device
+
+
 @dataclass(frozen=True)
 class OomStop:
-    """A device stopped for exceeding its memory cap, and by whom (watchdog, watchdog (peak), cgroup)."""
+    """A device really stopped for exceeding its memory cap, and by whom (`OOM_BY`, emulator/host):
+    "watchdog"          its RSS (VmRSS) was over the cap at a 10 ms sample; rss_bytes: that RSS
+    "watchdog (peak)"   its peak RSS (VmHWM) was: a spike between two samples; rss_bytes: that peak
+    "cgroup"            the kernel OOM-killed it in its cgroup (options.cgroup_root); rss_bytes: its peak RSS
+    charged_bytes       under a cgroup, the peak the kernel charged to the device's group (its anonymous
+                        memory and the page cache of its own reads); None without one (and on older lines)
+    (A run whose memory is only extrapolated over the cap completed: it is in mem_over_cap, never here.)"""
 
     device: str
     rss_bytes: int
     cap_bytes: int
     by: str
+    charged_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -274,12 +289,14 @@ class RunRecord:
     skipped: bool = False
     sweep: str | None = None
     prediction: Mapping[str, float] | None = None  # the planner's stall per token, {device: seconds}
+    provenance: Provenance | None = None  # commit, dirty flag, host load (None on lines written before it)
 
     # -- builders ----------------------------------------------------------------------------------
     @classmethod
     def measured(cls, *, experiment: str, point: Mapping[str, Any], mode: str, config: Json,
                  measurement: RunMeasurement, peak_rss_bytes: Mapping[str, int], extra_bytes: Mapping[str, int],
-                 caps: Mapping[str, int], oom: Sequence[OomStop] = (), error: str | None = None) -> "RunRecord":
+                 caps: Mapping[str, int], oom: Sequence[OomStop] = (), error: str | None = None,
+                 provenance: Provenance | None = None) -> "RunRecord":
         """A run's line: the master's measurement, with the peaks, caps and stops the supervisor saw
         (per device name, in rank order; extra_bytes: what peak_mem_bytes adds to the peak RSS)."""
         ranks = measurement.ranks
@@ -295,15 +312,16 @@ class RunRecord:
                    prompt_len=measurement.prompt_len, repetition=measurement.repetition, config=config,
                    timings=measurement.timings, devices=devices,
                    mem_over_cap=tuple(n for n, d in devices.items() if d.peak_mem_bytes > caps[n]), oom=tuple(oom),
-                   error=error, wall_s=measurement.wall_s, links=measurement.links, time=utc_now())
+                   error=error, wall_s=measurement.wall_s, links=measurement.links, time=utc_now(),
+                   provenance=provenance)
 
     @classmethod
     def skipped_point(cls, *, experiment: str, point: Mapping[str, Any], mode: str | None, config: Json,
-                      error: str) -> "RunRecord":
+                      error: str, provenance: Provenance | None = None) -> "RunRecord":
         """The line of a sweep point that could not run: same keys as a run's line, values empty."""
         return cls(experiment=experiment, point=dict(point), mode=mode, run=0, prompt_len=None, repetition=0,
                    config=config, timings=TokenTimings(), devices={}, mem_over_cap=(), oom=(), error=error,
-                   wall_s=None, links=None, time=utc_now(), skipped=True)
+                   wall_s=None, links=None, time=utc_now(), skipped=True, provenance=provenance)
 
     # -- reading -----------------------------------------------------------------------------------
     @cached_property
@@ -348,6 +366,8 @@ class RunRecord:
             "time": self.time})
         if self.prediction is not None:
             d["prediction"] = {"stall_per_token_s": dict(self.prediction)}
+        if self.provenance is not None:
+            d["provenance"] = self.provenance.to_json()
         return d
 
     @classmethod
@@ -371,7 +391,8 @@ class RunRecord:
                   devices=devices, mem_over_cap=tuple(d["mem_over_cap"]), oom=tuple(OomStop(**o) for o in d["oom"]),
                   error=d["error"], wall_s=d["wall_s"], links=LinkCounters(**d["links"]) if d["links"] else None,
                   time=d["time"], skipped=d.get("skipped", False), sweep=d.get("sweep"),
-                  prediction=pred["stall_per_token_s"] if pred is not None else None)
+                  prediction=pred["stall_per_token_s"] if pred is not None else None,
+                  provenance=_provenance(d))
         _ = rec.setting  # parse the config now: a malformed one is this line's error, not a figure's
         return rec
 
@@ -417,6 +438,7 @@ class AllreduceRecord:
     error: str | None
     wall_s: float
     time: str
+    provenance: Provenance | None = None  # None on lines written before it existed
 
     @classmethod
     def measured(cls, *, experiment: str, sweep: str, point: AllreducePoint, config: Json,
@@ -443,7 +465,8 @@ class AllreduceRecord:
                 "latency_median_s": self.latency_median_s, "latency_p99_s": self.latency_p99_s,
                 "latency_min_s": self.latency_min_s, "model_s": self.model_s, "hops": self.hops,
                 "links_per_route": self.links_per_route, "paper_model_s": self.paper_model_s, "error": self.error,
-                "wall_s": self.wall_s, "time": self.time}
+                "wall_s": self.wall_s, "time": self.time,
+                **({"provenance": self.provenance.to_json()} if self.provenance else {})}
 
     @classmethod
     def from_json(cls, d: Json) -> "AllreduceRecord":
@@ -453,10 +476,16 @@ class AllreduceRecord:
                    latency_median_s=d["latency_median_s"], latency_p99_s=d["latency_p99_s"],
                    latency_min_s=d["latency_min_s"], model_s=d["model_s"], hops=d["hops"],
                    links_per_route=d["links_per_route"], paper_model_s=d["paper_model_s"], error=d["error"],
-                   wall_s=d["wall_s"], time=d["time"])
+                   wall_s=d["wall_s"], time=d["time"], provenance=_provenance(d))
 
 
 ResultRecord = RunRecord | AllreduceRecord | PrivacyRecord
+
+
+def _provenance(d: Json) -> Provenance | None:
+    """A line's provenance; None on lines written before it existed."""
+    p = d.get("provenance")
+    return Provenance.from_json(p) if p is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------

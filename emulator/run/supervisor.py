@@ -3,11 +3,15 @@
     start()      the network (make_network: user-space shaper or kernel namespaces), the master's listener
                  on it, a fresh secret;
                  fork d0..dN-1 in rank order (emulator/run/device.py); each waits at its gate until its
-                 limits are in place: a MemoryWatchdog per pid (default), or a DeviceCgroup per device
-                 under options.cgroup_root; then every gate opens
+                 limits are in place: a MemoryWatchdog per pid (always: RSS and its peak, VmHWM), and
+                 under options.cgroup_root also a DeviceCgroup per device (the kernel's cap on what the
+                 device is charged) with the page cache of its own shard files dropped first, so its
+                 reads are charged to it; then every gate opens
     events()     the master's JSON lines from the events pipe (never pickled data)
-    failed()     a device died, ran out of memory, went over its cap between two samples, or the pipe closed
-    oom_stops()  who was stopped for memory, and by what; crashed(): who exited with an error
+    failed()     a device died, ran out of memory, or the pipe closed
+    check_caps() one watchdog sample of every device now (before a run is recorded as complete)
+    oom_stops()  who was stopped for memory, and by what (watchdog, watchdog (peak), cgroup);
+                 crashed(): who exited with an error
     cleanup()    whatever happened (done, Ctrl-C, SIGTERM, OOM, crash): kill and reap every device, stop
                  the watchdogs, remove the cgroups and the link schedule, drop the logs unless kept
 
@@ -29,13 +33,13 @@ from pathlib import Path
 import multiprocess as mp
 
 from emulator.config.run_config import RunConfig
-from emulator.host.limits import DeviceCgroup, MemoryWatchdog, read_rss
+from emulator.host.cgroup import CGROUP, DeviceCgroup, cgroup_version, evict_page_cache
+from emulator.host.limits import MemoryWatchdog
 from emulator.net.network import Network, make_network
 from emulator.run.baselines import DeviceSetup
 from emulator.run.device import device_main
 from tpicore.errors import TpiError
 
-NO_CAP = 1 << 62  # the watchdog only measures when a cgroup enforces the cap
 POLL_S = 0.1  # how often the supervisor looks at its devices while waiting for events
 
 
@@ -53,7 +57,6 @@ class Supervisor:
         self.events_r: int | None = None
         self.log_dir: str | None = None
         self.keep_logs = False
-        self.over_cap: list[dict] = []  # devices whose VmHWM passed their cap unseen by the watchdog
         self._buf = b""
         self._eof = False
 
@@ -68,6 +71,7 @@ class Supervisor:
         self.events_r, events_w = os.pipe()
         gates = {}
         ctx = mp.get_context("fork")
+        cg_version = cgroup_version(cfg.options.cgroup_root) if cfg.options.cgroup_root else None
         try:
             for rank, dev in enumerate(cfg.topology.devices):
                 gate_r, gate_w = os.pipe()
@@ -77,15 +81,16 @@ class Supervisor:
                 os.close(gate_r)
                 gates[rank] = gate_w
                 self.procs[rank] = p
-                if cfg.options.cgroup_root:
+                if cg_version is not None:  # v1: cores by affinity alone (no cpu hierarchy is given)
                     cg = DeviceCgroup(cfg.options.cgroup_root, f"tpi-{os.getpid()}-{dev.name}",
                                       mem_bytes=self.caps[dev.name],
-                                      cpus=dev.cores if cfg.options.clock == "wall" else None)
+                                      cpus=dev.cores if cfg.options.clock == "wall" and cg_version == 2 else None)
                     self.cgroups[rank] = cg
                     cg.open()
                     cg.add(p.pid)
-                cap = NO_CAP if cfg.options.cgroup_root else self.caps[dev.name]
-                self.dogs[rank] = MemoryWatchdog(p.pid, cap, device=dev.name).start()
+                self.dogs[rank] = MemoryWatchdog(p.pid, self.caps[dev.name], device=dev.name).start()
+            if cg_version is not None:  # each device's reads fault its own files into its own group
+                evict_page_cache(shard_dirs[:len(self.procs)])
         finally:
             os.close(events_w)
             self.listener.close()  # the master has its own copy
@@ -112,34 +117,32 @@ class Supervisor:
 
     def failed(self) -> bool:
         return self._eof or any(d.oom for d in self.dogs.values()) \
-            or any(p.exitcode not in (None, 0) for p in self.procs.values()) or self.check_caps()
+            or any(p.exitcode not in (None, 0) for p in self.procs.values())
 
     def check_caps(self) -> bool:
-        """The watchdog samples; the kernel's high-water mark (VmHWM) also catches a device that went over
-        its cap and back between two samples. Such a device is stopped like the watchdog would have."""
-        if self.cfg.options.cgroup_root:
-            return False  # the kernel enforces the cap
-        for rank, p in self.procs.items():
-            name = self.names[rank]
-            sample = read_rss(p.pid) if p.exitcode is None else None
-            if sample and sample[1] > self.caps[name] and not any(o["device"] == name for o in self.over_cap):
-                p.kill()
-                self.over_cap.append({"device": name, "rss_bytes": sample[1], "cap_bytes": self.caps[name],
-                                      "by": "watchdog (peak)"})
-        return bool(self.over_cap)
+        """One watchdog sample of every live device now: its RSS, or its peak RSS (VmHWM: a spike since
+        the last sample), over the cap stops it. True when any device has been stopped for memory."""
+        for dog in self.dogs.values():
+            dog.check()
+        return any(d.oom for d in self.dogs.values())
 
     def oom_stops(self) -> list[dict]:
-        """Devices stopped for memory: {device, rss_bytes, cap_bytes, by}."""
-        oom = list(self.over_cap)
-        for dog in self.dogs.values():
-            for e in dog.events:
-                if not any(o["device"] == e.device for o in oom):
-                    oom.append({"device": e.device, "rss_bytes": e.rss_bytes, "cap_bytes": e.cap_bytes,
-                                "by": "watchdog"})
-        for rank, cg in self.cgroups.items():
-            if cg.oom_kills():
-                oom.append({"device": self.names[rank], "rss_bytes": self.dogs[rank].peak_rss_bytes,
-                            "cap_bytes": self.caps[self.names[rank]], "by": "cgroup"})
+        """Devices stopped for memory: {device, rss_bytes, cap_bytes, by, charged_bytes}, one per device:
+        the kernel's OOM kill in its cgroup, else the watchdog's. rss_bytes: the RSS (or VmHWM) that was
+        over the cap (watchdog), or the peak RSS seen (cgroup); charged_bytes: the group's peak charge
+        (memory.peak / memory.max_usage_in_bytes), None without a cgroup."""
+        oom = []
+        for rank, dog in self.dogs.items():
+            name, cg = self.names[rank], self.cgroups.get(rank)
+            charged = cg.peak_bytes() if cg is not None else None
+            if cg is not None and cg.oom_kills():
+                dog.check()  # its last peak
+                oom.append({"device": name, "rss_bytes": dog.peak_rss_bytes, "cap_bytes": self.caps[name],
+                            "by": CGROUP, "charged_bytes": charged})
+            elif dog.events:
+                e = dog.events[0]
+                oom.append({"device": name, "rss_bytes": e.rss_bytes, "cap_bytes": e.cap_bytes, "by": e.by,
+                            "charged_bytes": charged})
         return oom
 
     def crashed(self) -> list[tuple[str, int]]:
