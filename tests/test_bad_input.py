@@ -275,6 +275,33 @@ EMU_CASES = [
     ("model.synth", "nope", "model"),
     ("workload.new_tokens", 0, "workload.new_tokens"),
     ("workload.prompt_lengths", [], "workload.prompt_lengths"),
+    # absurd sizes and counts: refused naming the field and the allowed range
+    ("model.layers", 10**30, "model.layers: must be an integer in [1, 1024], got 1e+30"),
+    ("model.layers", 1e30, "model.layers: must be an integer >= 1, got 1e+30"),
+    ("model.unique_layers", 10**9, "model.unique_layers: must be an integer in [1, 1024]"),
+    ("model.seed", 2**64, "model.seed: must be an integer in [0, 9223372036854775807]"),
+    ("workload.new_tokens", 10**12, "workload.new_tokens: must be an integer in [1, 131072]"),
+    ("workload.prompt_lengths", [16, 10**12], "workload.prompt_lengths[1]: must be an integer in [1, 131072]"),
+    ("workload.repetitions", 10**9, "workload.repetitions: must be an integer in [1, 10000]"),
+    ("workload.seed", 10**40, "workload.seed: must be an integer in [0, "),
+    ("options.window", 10**9, "options.window: must be an integer in [2, 2050]"),
+    ("options.retain_every", 10**9, "options.retain_every: must be an integer in [0, 1024]"),
+    ("options.private_layers", 10**9, "options.private_layers: must be an integer in [0, 1024]"),
+    ("options.mem_cap", "1e30GiB", "options.mem_cap: must be in [1, 1 PiB] bytes"),
+    ("options.mem_cap", 10**30, "options.mem_cap: must be in [1, 1 PiB] bytes, got 1e+30"),
+    ("options.timeout_s", 1e300, "options.timeout_s: must be in (0, 86400], got 1e+300"),
+    ("options.ratios", [1e300] + [1] * 7, "options.ratios[0]: must be a number in (0, 1e+06]"),
+    ("devices.template.cores", 10**30, "devices.template.cores: must be an integer in [1, 1024], got 1e+30"),
+    ("devices.template.mem_bytes", 10**30, "devices.template.mem_bytes: must be in [1, 1 PiB] bytes"),
+    ("devices.template.speed", 1e300, "devices.template.speed: must be in [0.001, 1000], got 1e+300"),
+    ("devices.template.speed", 1e-300, "devices.template.speed: must be in [0.001, 1000]"),
+    ("devices.template.disk_read_mbps", 1e300, "devices.template.disk_read_mbps: must be in [0.001, 1e+07] Mbit/s"),
+    ("links.latency_ms", 1e300, "links.latency_ms: must be in [0, 60000] ms"),
+    ("links.jitter_ms", "1e9s", "links.jitter_ms: must be in [0, 60000] ms"),
+    ("links.bandwidth_mbps", 1e-300, "links.bandwidth_mbps: must be in [0.001, 1e+07] Mbit/s"),
+    ("links.bandwidth_mbps", "1e30gbps", "links.bandwidth_mbps: must be in [0.001, 1e+07] Mbit/s"),
+    ("devices", [{"name": f"d{i}", "cores": 1, "mem_bytes": 2**30} for i in range(1025)],
+     "devices: 1025 devices listed; must be at most 1024"),
 ]
 
 
@@ -283,6 +310,13 @@ def test_bad_emulator_field_refused_naming_it(key, value, expected):
     with pytest.raises(TpiError) as e:
         load_run_config("configs/emulate.yaml", [(key, value)])
     assert expected in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith("configs/emulate.yaml: "), str(e.value)  # the file, then the field
+
+
+def test_bounded_field_through_the_emulator_cli(capsys):
+    line = one_error(capsys, ["run", "configs/emulate.yaml", "--set", "model.layers=1000000000000000000000000000000"],
+                     emulator_cli.main)
+    assert line == "error: configs/emulate.yaml: model.layers: must be an integer in [1, 1024], got 1e+30", line
 
 
 def test_emulator_cli_folders_that_are_files(paths, capsys):

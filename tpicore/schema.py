@@ -213,23 +213,48 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _int(minimum: int) -> Callable[[Any], int]:
+def shown(value: Any) -> str:
+    """A value for an error message: repr, with huge integers and floats in short scientific form."""
+    if is_int(value) and abs(value) >= 10**15:
+        return f"{float(value):.3g}" if abs(value) < 10**308 else f"an integer of {len(str(abs(value)))} digits"
+    if isinstance(value, float) and math.isfinite(value) and abs(value) >= 1e15:
+        return f"{value:.3g}"
+    return repr(value)
+
+
+def _range(lo: float, hi: float, unit: str = "") -> str:
+    """'[1, 1024]' / '[0, 6e+04] ms': the allowed range, for an error message."""
+    return f"[{lo:g}, {hi:g}]{f' {unit}' if unit else ''}"
+
+
+def _binary(nbytes: int) -> str:
+    """1125899906842624 -> '1 PiB' (the largest binary unit that divides it; else the plain number)."""
+    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size and nbytes % size == 0:
+            return f"{nbytes // size} {unit}"
+    return str(nbytes)
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def fn(value: Any) -> int:
         if not is_int(value) or value < minimum:
-            raise Invalid(f"must be an integer >= {minimum}, got {value!r}")
+            raise Invalid(f"must be an integer >= {minimum}, got {shown(value)}")
+        if maximum is not None and value > maximum:
+            raise Invalid(f"must be an integer in [{minimum}, {maximum}], got {shown(value)}")
         return value
 
     return fn
 
 
-def Int(minimum: int) -> Any:
-    """An integer >= minimum (bools refused): 'must be an integer >= N, got X'."""
-    return Annotated[int, check(_int(minimum))]
+def Int(minimum: int, maximum: int | None = None) -> Any:
+    """An integer >= minimum (bools refused): 'must be an integer >= N, got X'; with a maximum, one above it:
+    'must be an integer in [N, M], got X'."""
+    return Annotated[int, check(_int(minimum, maximum))]
 
 
-def OptInt(minimum: int) -> Any:
-    """None, or an integer >= minimum."""
-    return Annotated[int | None, check(lambda v: None if v is None else _int(minimum)(v))]
+def OptInt(minimum: int, maximum: int | None = None) -> Any:
+    """None, or an integer in [minimum, maximum]."""
+    return Annotated[int | None, check(lambda v: None if v is None else _int(minimum, maximum)(v))]
 
 
 def Choice(*choices: str) -> Any:
@@ -252,45 +277,55 @@ def _flag(value: Any) -> bool:
 Flag = Annotated[bool, check(_flag)]
 
 
-def Number(gt: float | None = None, ge: float | None = None, note: str = "") -> Any:
-    """A finite number with a lower bound: 'must be > 0<note>, got X' / 'must be >= 0<note>, got X'."""
+def Number(gt: float | None = None, ge: float | None = None, note: str = "", le: float | None = None) -> Any:
+    """A finite number with a lower bound: 'must be > 0<note>, got X' / 'must be >= 0<note>, got X'. With an
+    upper bound `le` (and `ge` beside `gt`: a smallest sane value), a value past it: 'must be in [lo, le]...'."""
 
     def fn(value: Any) -> float:
         v = units.number(value, "")
-        if (gt is not None and not v > gt) or (ge is not None and not v >= ge):
+        if (gt is not None and not v > gt) or (ge is not None and gt is None and not v >= ge):
             bound = f"> {gt:g}" if gt is not None else f">= {ge:g}"
-            raise Invalid(f"must be {bound}{note}, got {value!r}")
+            raise Invalid(f"must be {bound}{note}, got {shown(value)}")
+        if (ge is not None and v < ge) or (le is not None and v > le):
+            low = f"[{ge:g}" if ge is not None else f"({gt:g}" if gt is not None else "(-inf"
+            raise Invalid(f"must be in {low}, {le if le is not None else math.inf:g}]{note}, got {shown(value)}")
         return v
 
     return Annotated[float, check(fn)]
 
 
-def Ms(ge: float = 0.0) -> Any:
-    """Milliseconds (a number, or '5ms', '500us', '1s'), >= ge."""
+def Ms(ge: float = 0.0, le: float | None = None) -> Any:
+    """Milliseconds (a number, or '5ms', '500us', '1s'), >= ge (and <= le)."""
 
     def fn(value: Any) -> float:
         v = units.parse_ms(value, "")
         if not v >= ge:
             raise Invalid(f"must be >= {ge:g}, got {v!r}")
+        if le is not None and v > le:
+            raise Invalid(f"must be in {_range(ge, le, 'ms')}, got {shown(v)} ms")
         return v
 
     return Annotated[float, check(fn)]
 
 
-def Mbps(note: str = "") -> Any:
-    """Megabits/s > 0 (a number, or '300mbps', '1gbit', '2GB/s'), or None ('unlimited')."""
+def Mbps(note: str = "", lo: float | None = None, hi: float | None = None) -> Any:
+    """Megabits/s > 0 (a number, or '300mbps', '1gbit', '2GB/s'), or None ('unlimited'); with lo/hi, within
+    [lo, hi] too."""
 
     def fn(value: Any) -> float | None:
         v = units.parse_mbps(value, "")
         if v is not None and not v > 0:
             raise Invalid(f"must be > 0{note}, got {v!r}")
+        if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+            raise Invalid(f"must be in {_range(lo or 0, hi if hi is not None else math.inf, 'Mbit/s')}{note}, "
+                          f"got {shown(v)}")
         return v
 
     return Annotated[float | None, check(fn)]
 
 
-def Bytes(optional: bool = False) -> Any:
-    """Bytes > 0 (a whole number, or '8GiB', '500MB', '1e9'); optional: None too."""
+def Bytes(optional: bool = False, maximum: int | None = None) -> Any:
+    """Bytes > 0 (a whole number, or '8GiB', '500MB', '1e9'); optional: None too; with a maximum, at most that."""
 
     def fn(value: Any) -> int | None:
         if value is None and optional:
@@ -298,6 +333,8 @@ def Bytes(optional: bool = False) -> Any:
         v = units.parse_bytes(value, "")
         if v <= 0:
             raise Invalid(f"must be > 0, got {v}")
+        if maximum is not None and v > maximum:
+            raise Invalid(f"must be in [1, {_binary(maximum)}] bytes, got {shown(v)}")
         return v
 
     return Annotated[int | None, check(fn)] if optional else Annotated[int, check(fn)]

@@ -33,7 +33,10 @@
                                       #   offload      the first device alone, blocks read on demand (blocking)
                                       #   standalone+ms  the first device alone with the window (default 2)
       clock: virtual                  # virtual | wall
-      compute: measured               # measured | free (virtual only: compute costs no time, links only)
+      compute: measured               # measured | free | roofline (virtual only): measured = host thread CPU
+                                      # time / speed; free = compute costs no time (links and disks only);
+                                      # roofline = per block max(bytes / memory bandwidth, flops / peak) from
+                                      # each device's mem_bandwidth_gbytes_s and peak_gflops (or its profile)
       shaper: user                    # user | kernel (network namespaces + tbf; needs root and clock: wall)
       allreduce: star                 # star | ring | tree
       window: null                    # sliding-window scheduler: null/none = all weights resident, or >= 2
@@ -68,8 +71,9 @@ from typing import Annotated, Any, Mapping, Sequence
 
 from pydantic import field_validator, model_validator
 
+from emulator.config.compute_model import COMPUTE
 from emulator.config.overrides import apply_dotted
-from emulator.config.topology import Topology, topology_from_dict
+from emulator.config.topology import MAX_MEM_BYTES, Topology, topology_from_dict
 from tpicore.comm.channel import DEFAULT_TIMEOUT_S
 from tpicore.errors import TpiError
 from tpicore.schema import (
@@ -98,12 +102,21 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/, results/, 
 TOPOLOGY_DIR = ROOT / "configs" / "topologies"
 
 CLOCKS = ("virtual", "wall")
-COMPUTE = ("measured", "free")
 SHAPERS = ("user", "kernel")  # emulator/net/network.py: the user-space shaper, or the kernel backend
 ALLREDUCE = ("star", "ring", "tree")
 MODES = ("tpi", "galaxy", "pipeline", "standalone", "offload", "standalone+ms")
 SINGLE_DEVICE_MODES = ("standalone", "offload", "standalone+ms")
 SECTIONS = ("name", "topology", "model", "workload", "options")
+
+# Bounds of every numeric field (topology.py has the devices' and links'): far past any real run, so only a
+# typo or an absurd value (layers: 1e30) is refused, naming the file, the field and the range
+MAX_LAYERS = 1024  # Llama 3.1 405B has 126
+MAX_TOKENS = 131_072  # a prompt length or new tokens: Llama 3.1's context
+MAX_REPETITIONS = 10_000
+MAX_SEED = 2**63 - 1
+MAX_WINDOW = 2 * MAX_LAYERS + 2  # blocks: every layer's two, the embedding and the head
+MAX_TIMEOUT_S = 86_400.0  # one day
+MAX_SHARE = 1e6  # one device's ratio
 
 
 class ModelSpec(Record):
@@ -111,10 +124,10 @@ class ModelSpec(Record):
 
     path: OptText = None
     synth: OptText = None
-    layers: OptInt(1) = None
-    unique_layers: OptInt(1) = None
+    layers: OptInt(1, MAX_LAYERS) = None
+    unique_layers: OptInt(1, MAX_LAYERS) = None
     dtype: Choice(*MODEL_DTYPES) = "f32"
-    seed: Int(0) = 0
+    seed: Int(0, MAX_SEED) = 0
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -141,10 +154,10 @@ class ModelSpec(Record):
 class Workload(Record):
     """The prompt set: one run per (prompt length, repetition), each generating `new_tokens`."""
 
-    prompt_lengths: tuple[Int(1), ...] = (16,)
-    new_tokens: Int(1) = 16
-    repetitions: Int(1) = 2
-    seed: Int(0) = 0
+    prompt_lengths: tuple[Int(1, MAX_TOKENS), ...] = (16,)
+    new_tokens: Int(1, MAX_TOKENS) = 16
+    repetitions: Int(1, MAX_REPETITIONS) = 2
+    seed: Int(0, MAX_SEED) = 0
     prompt: OptText = None
 
     @field_validator("prompt_lengths", mode="before")
@@ -170,6 +183,8 @@ def _ratios(value: Any) -> str | tuple[float, ...]:
         for i, r in enumerate(value):
             if not is_number(r) or r <= 0:
                 raise Invalid(f"must be a number > 0, got {r!r}", field=f"[{i}]")
+            if r > MAX_SHARE:
+                raise Invalid(f"must be a number in (0, {MAX_SHARE:g}], got {r:g}", field=f"[{i}]")
         if not math.isfinite(sum(float(r) for r in value)):
             raise Invalid(f"shares too large: their total overflows, got {list(value)}")
         return tuple(float(r) for r in value)
@@ -190,13 +205,13 @@ class Options(Record):
     compute: Choice(*COMPUTE) = "measured"
     shaper: Choice(*SHAPERS) = "user"
     allreduce: Choice(*ALLREDUCE) = "star"
-    window: OptInt(2) = None
-    retain_every: Int(0) = 0
-    private_layers: Int(0) = 0  # tensor-parallel modes: layers 0..K-1 on the master alone (--private-layers)
+    window: OptInt(2, MAX_WINDOW) = None
+    retain_every: Int(0, MAX_LAYERS) = 0
+    private_layers: Int(0, MAX_LAYERS) = 0  # tensor-parallel modes: layers 0..K-1 on the master alone
     ratios: Annotated[str | tuple[float, ...], check(_ratios)] = "equal"
-    mem_cap: Bytes(optional=True) = None  # bytes
+    mem_cap: Bytes(optional=True, maximum=MAX_MEM_BYTES) = None  # bytes
     cgroup_root: Annotated[str | None, check(_cgroup_root)] = None
-    timeout_s: Number(gt=0) = DEFAULT_TIMEOUT_S  # transport timeout (real seconds)
+    timeout_s: Number(gt=0, le=MAX_TIMEOUT_S) = DEFAULT_TIMEOUT_S  # transport timeout (real seconds)
     trace: Flag = False
     drop_cache: Flag = True
 
@@ -221,8 +236,9 @@ class Options(Record):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Options":
-        if self.compute == "free" and self.clock != "virtual":
-            raise Invalid("'free' needs clock: virtual (a wall clock cannot skip compute)", field="compute")
+        if self.compute in ("free", "roofline") and self.clock != "virtual":
+            raise Invalid(f"'{self.compute}' needs clock: virtual (a wall clock cannot replace compute)",
+                          field="compute")
         if self.shaper == "kernel" and self.clock != "wall":
             raise Invalid("'kernel' needs clock: wall (the kernel shapes in real time)", field="shaper")
         if self.retain_every and self.window is None:
@@ -282,6 +298,16 @@ class RunConfig(Record):
     workload: Workload
     options: Options
     doc: dict
+
+    @model_validator(mode="after")
+    def _roofline_numbers(self) -> "RunConfig":
+        if self.options.compute == "roofline":
+            for i, d in enumerate(self.topology.devices):
+                for f, value in (("mem_bandwidth_gbytes_s", d.mem_bandwidth_gbytes_s), ("peak_gflops", d.peak_gflops)):
+                    if value is None:
+                        raise Invalid("missing: compute roofline needs it (give it, or a profile: "
+                                      "emulator/config/profiles.yaml)", field=f"topology.devices[{i}].{f}")
+        return self
 
     @model_validator(mode="after")
     def _ratios_fit(self) -> "RunConfig":

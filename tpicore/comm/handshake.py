@@ -61,6 +61,12 @@ class Refused(TpiError):
     """This end refused the peer (the peer was told why, as far as it may know)."""
 
 
+class Mismatch(Refused):
+    """A refusal for other terms (world size, model fingerprint, encryption) after a well-formed AUTH: the peer
+    is a rank of a differently set-up group; it was told why and reports it as its own error line, so this
+    end records it for its own timeout message instead of warning (admission.py)."""
+
+
 @dataclass(frozen=True)
 class Terms:
     """What both ends of a link must agree on; `sealed` = encrypt every frame after the handshake."""
@@ -109,13 +115,13 @@ def _open(hdr: Header, payload: np.ndarray, peer: str, opener: Opener | None) ->
 
 
 def _refuse(sock: socket.socket, my_rank: int, reason: str, peer_reason: str | None = None,
-            box: Sealer | None = None) -> Refused:
+            box: Sealer | None = None, kind: type[Refused] = Refused) -> Refused:
     """Tell the peer why (best effort; `peer_reason` when it may know less) and return the local error."""
     try:
         _send(sock, Kind.ERROR, {"reason": peer_reason or reason, "error": "TpiError"}, my_rank, "peer", box)
     except (TpiError, OSError):
         pass
-    return Refused(reason)
+    return kind(reason)
 
 
 def _field(msg: dict, name: str, typ: type, what: str) -> object:
@@ -188,14 +194,17 @@ def accept_peer(sock: socket.socket, *, my_rank: int, terms: Terms, secret: byte
     if peer_world != terms.world_size:
         raise _refuse(sock, my_rank, f"world size mismatch: {who} has world_size {peer_world}, "
                                      f"rank {my_rank} has {terms.world_size}",
-                      None if mine else f"world size mismatch: {who} has world_size {peer_world}", box)
+                      None if mine else f"world size mismatch: {who} has world_size {peer_world}", box,
+                      Mismatch)
     if peer_fp != terms.fingerprint:
         raise _refuse(sock, my_rank, f"model fingerprint mismatch: {who} has {peer_fp!r}, "
                                      f"rank {my_rank} has {terms.fingerprint!r}",
-                      None if mine else f"model fingerprint mismatch: {who} has {peer_fp!r}", box)
+                      None if mine else f"model fingerprint mismatch: {who} has {peer_fp!r}", box,
+                      Mismatch)
     if sealed != terms.sealed:
         raise _refuse(sock, my_rank, f"encryption mismatch: {who} wants {'sealed' if sealed else 'plain'} "
-                                     f"frames, rank {my_rank} {'sealed' if terms.sealed else 'plain'} ones", box=box)
+                                     f"frames, rank {my_rank} {'sealed' if terms.sealed else 'plain'} ones",
+                      box=box, kind=Mismatch)
     if not 1 <= rank < terms.world_size:
         raise _refuse(sock, my_rank, f"rank {rank} out of range: expected 1..{terms.world_size - 1}", box=box)
     why = claim(rank)

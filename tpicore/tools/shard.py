@@ -67,7 +67,7 @@ from tpicore.weights.gguf import (
     is_gguf_path,
     split_files,
 )
-from tpicore.weights.integrity import master_file_crcs
+from tpicore.weights.integrity import master_file_crcs, verify_checkpoint, verify_folder
 from tpicore.weights.manifest import (
     FORMAT,
     MANIFEST_FILE,
@@ -419,6 +419,8 @@ def shard_checkpoint(model_dir: str, out_dir: str, world_size: int, ratios: Iter
     job = prepare_job(model_dir, world_size, ratios, private_layers)
     out = os.path.abspath(out_dir)
     try:
+        if not is_gguf_path(model_dir):  # the source's content, where it carries checksums (before any write)
+            verify_checkpoint(model_dir, job.ckpt)
         with staged_folder(out, force, RANK_FOLDERS, job.output_bytes) as tmp:
             nbytes = write_ranks(job, tmp, quiet)
     except OSError as e:
@@ -448,11 +450,14 @@ def dequantized_note(job: Job) -> str:
 # Reading and checking shard folders
 
 
-def verify_shard(shard_dir: str) -> int:
+def verify_shard(shard_dir: str, stamp: bool = False) -> int:
     """Check a shard folder against its manifest: fingerprint recomputed, safetensors headers agreeing, only
-    float tensors of the config's layers, every tensor's CRC32, every shape the split gives (the checks of
-    every load, tpicore.weights.store). Raises TpiError naming the file (and tensor); returns the bytes checked."""
-    store = TensorStore.from_shard_dir(shard_dir)
+    float tensors of the config's layers, every tensor's CRC32 (always read: a stamp is never trusted here),
+    every shape the split gives (the checks of every load, tpicore.weights.store). `stamp`: leave the
+    verified stamp that later loads of this run trust (tpicore.weights.integrity). Raises TpiError naming
+    the file (and tensor); returns the bytes checked."""
+    store = TensorStore.from_shard_dir(shard_dir, verify=False)  # fingerprint, float dtypes, the config's layers
+    verify_folder(shard_dir, read_manifest(shard_dir), store.ckpt, trust_stamp=False, write_stamp=stamp)
     store.check()
     return sum(info.nbytes for info in store.ckpt.tensors.values())
 
@@ -494,10 +499,12 @@ def _complete(out: str, world_size: int) -> bool:
 
 
 def _intact(out: str, world_size: int) -> str | None:
-    """None when every rank folder under `out` passes verify_shard, else the first error (one line)."""
+    """None when every rank folder under `out` passes verify_shard, else the first error (one line). Each
+    folder that passes is stamped, so the loads of this run (the master's own, its local workers') do not
+    read its bytes a second time."""
     for r in range(world_size):
         try:
-            verify_shard(os.path.join(out, f"rank-{r}"))
+            verify_shard(os.path.join(out, f"rank-{r}"), stamp=True)
         except TpiError as e:
             return str(e)
     return None

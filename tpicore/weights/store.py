@@ -30,8 +30,8 @@ from tpicore.weights.checkpoint import Checkpoint, to_f32
 from tpicore.weights.gguf import GGUFCheckpoint, is_gguf_path
 from tpicore.weights.integrity import (
     check_weight_tensors,
-    verify_master_files,
-    verify_tensors,
+    verify_checkpoint,
+    verify_folder,
 )
 from tpicore.weights.manifest import MANIFEST_FILE, check_fingerprint, read_manifest
 from tpicore.weights.reader import BlockReader, read_raw
@@ -74,6 +74,7 @@ class TensorStore:
         ckpt = Checkpoint.from_dir(model_dir)
         check_weight_tensors(ckpt, set(range(cfg.num_hidden_layers)), os.path.join(model_dir, "config.json"),
                              cfg.num_hidden_layers)
+        verify_checkpoint(model_dir, ckpt)  # sizes; content where the folder carries checksums
         return cls(ckpt, cfg, whole(cfg), root=model_dir)
 
     @classmethod
@@ -90,9 +91,8 @@ class TensorStore:
         files = [os.path.join(shard_dir, f) for f in man.files]
         ckpt = Checkpoint(files, shard_dir)
         check_weight_tensors(ckpt, set(man.layer_map), path, cfg.num_hidden_layers)
-        if verify:
-            verify_master_files(shard_dir, man)
-            verify_tensors(shard_dir, man, ckpt)
+        if verify:  # once per run: a check of this run (by this process or an ancestor) is trusted
+            verify_folder(shard_dir, man, ckpt)
         store = cls(ckpt, cfg, man.layout, man.layer_map, fingerprint, shard_dir)
         store.note = man.synthetic.note if man.synthetic is not None else ""
         return store
