@@ -15,6 +15,16 @@ mem_bytes, disk_read_mbps (megabits/s too, like every *_mbps in this project; "2
 converted). Values may be plain numbers in the field's unit or strings with units ("5ms", "1gbps",
 "8GiB"; tpicore/units.py). GB/MB are decimal (1e9), GiB/MiB binary (2**30).
 
+Disks: every device has a disk model by default, DEFAULT_DISK_READ_MBPS (2 GB/s, an NVMe-class SSD, the
+rate the committed experiments use) and DEFAULT_DISK_LATENCY_MS (0.1 ms per read); every byte a device
+reads from its weight files (window and on-demand loads, the first touch of resident weights, embedding
+rows) is charged through it on the device's clock. `disk_read_mbps: null` asks for the host's own disk
+instead (a read is charged what it took here: host noise enters virtual time).
+
+Profiles: `profile: pi5` (emulator/config/profiles.yaml; emulator/config/compute_model.py) fills a
+machine's cores, mem_bytes, disk and its roofline numbers (mem_bandwidth_gbytes_s, peak_gflops); fields
+the machine sets itself override the profile's.
+
 Device order is rank order: devices[0] is the master. Records and documents are tpicore.schema models:
 errors name the file and the field path. Owns the topology's data and its YAML form; must not import
 above emulator.config.
@@ -29,7 +39,9 @@ from typing import Annotated, Any, Mapping, Sequence, Union
 
 from pydantic import Discriminator, Tag, model_validator
 
+from emulator.config.compute_model import profile as device_profile
 from emulator.config.overrides import apply_dotted
+from tpicore import units
 from tpicore.errors import TpiError
 from tpicore.schema import (
     Bytes,
@@ -41,6 +53,7 @@ from tpicore.schema import (
     Mbps,
     Ms,
     Number,
+    OptText,
     Record,
     Text,
     check,
@@ -57,11 +70,49 @@ def _device_name(value: Any) -> str:
     return value
 
 
+# Bounds of every numeric field: far beyond any real edge device or link, so only a typo or an absurd
+# value (cores: 1e30) is refused, naming the field and the range, before anything is built
+MAX_CORES = 1024
+MAX_MEM_BYTES = 2**50  # 1 PiB
+MIN_MBPS, MAX_MBPS = 1e-3, 1e7  # 1 kbit/s .. 10 Tbit/s (links and disks)
+MIN_SPEED, MAX_SPEED = 1e-3, 1e3  # relative to the reference device
+MAX_LINK_MS = 60_000.0  # latency and jitter: one minute
+
 # The fields of a device, shared by Machine and a device template
-Cores = Int(1)
-MemBytes = Bytes()
-DiskMbps = Mbps(" (or null for unmodelled)")
-Speed = Number(gt=0)
+Cores = Int(1, MAX_CORES)
+MemBytes = Bytes(maximum=MAX_MEM_BYTES)
+DiskMbps = Mbps(" (or null for unmodelled)", MIN_MBPS, MAX_MBPS)
+Speed = Number(gt=0, ge=MIN_SPEED, le=MAX_SPEED)
+DEFAULT_DISK_READ_MBPS = 16000.0  # 2 GB/s
+DEFAULT_DISK_LATENCY_MS = 0.1
+
+
+def _opt_rate(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = units.number(value, "")
+    if not v > 0:
+        raise Invalid(f"must be > 0 (or null), got {value!r}")
+    return v
+
+
+OptRate = Annotated[float | None, check(_opt_rate)]
+
+
+def with_profile(doc: Any) -> Any:
+    """A device mapping with its `profile`'s fields filled in under its own (which win)."""
+    if not isinstance(doc, Mapping) or doc.get("profile") is None:
+        return doc
+    name = doc["profile"]
+    if not isinstance(name, str):
+        raise Invalid(f"expected a profile name, got {name!r}", field="profile")
+    try:
+        base = device_profile(name).machine_fields()
+    except TpiError as e:
+        if str(e).startswith("unknown profile"):
+            raise Invalid(str(e), field="profile") from None
+        raise  # the profiles file itself is wrong: its error names that file and field
+    return {**base, **doc}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,8 +126,17 @@ class Machine(Record):
     name: Annotated[str, check(_device_name)]
     cores: Cores
     mem_bytes: MemBytes
-    disk_read_mbps: DiskMbps = None  # megabits/s; None = not modelled (the host's disk speed)
+    disk_read_mbps: DiskMbps = DEFAULT_DISK_READ_MBPS  # megabits/s; None = not modelled (the host's disk speed)
+    disk_latency_ms: Ms() = DEFAULT_DISK_LATENCY_MS  # per read, with a modelled rate
     speed: Speed = 1.0
+    profile: OptText = None  # a name in emulator/config/profiles.yaml; the fields above override it
+    mem_bandwidth_gbytes_s: OptRate = None  # compute: roofline (GB/s)
+    peak_gflops: OptRate = None  # compute: roofline (float32 GFLOP/s)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, doc: Any) -> Any:
+        return with_profile(doc)
 
     @property
     def disk_read_bytes_per_s(self) -> float | None:
@@ -90,9 +150,9 @@ class Link(Record):
     distribution), never making the delay negative. loss: probability that a packet is lost on this
     link; emulated as a retransmission delay, not a drop (see shaper.py)."""
 
-    latency_ms: Ms() = 0.0
-    bandwidth_mbps: Mbps(" (null for unlimited)") = None  # megabits/s; None = unlimited
-    jitter_ms: Ms() = 0.0
+    latency_ms: Ms(le=MAX_LINK_MS) = 0.0
+    bandwidth_mbps: Mbps(" (null for unlimited)", MIN_MBPS, MAX_MBPS) = None  # megabits/s; None = unlimited
+    jitter_ms: Ms(le=MAX_LINK_MS) = 0.0
     loss: Fraction() = 0.0
 
     @property
@@ -231,8 +291,17 @@ class DeviceTemplate(Record):
 
     cores: Cores
     mem_bytes: MemBytes
-    disk_read_mbps: DiskMbps = None
+    disk_read_mbps: DiskMbps = DEFAULT_DISK_READ_MBPS
+    disk_latency_ms: Ms() = DEFAULT_DISK_LATENCY_MS
     speed: Speed = 1.0
+    profile: OptText = None
+    mem_bandwidth_gbytes_s: OptRate = None
+    peak_gflops: OptRate = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, doc: Any) -> Any:
+        return with_profile(doc)
 
 
 MAX_DEVICES = 1024  # one process each: a larger count is a typo, refused before anything is built
@@ -299,6 +368,9 @@ class TopologyDoc(Record):
     @model_validator(mode="after")
     def _devices_known(self) -> "TopologyDoc":
         names = [d.name for d in self.device_list()]  # empty or duplicate: Topology says so
+        if len(names) > MAX_DEVICES:
+            raise Invalid(f"{len(names)} devices listed; must be at most {MAX_DEVICES} (one process per device)",
+                          field="devices")
         if isinstance(self.links, ShapeLinks):
             for dev in self.links.per_device:
                 if dev not in names:

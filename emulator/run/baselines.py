@@ -157,7 +157,7 @@ class Pipeline:
         self.group.link_hook = env.link_hook
         for r in range(1, n):
             self.group.channel(r).send_json(Kind.CONTROL, {"op": "setup", "max_seq": max_seq, "trace": o.trace})
-        self.dev = make_stage(store, stages[0], max_seq, env.clock)
+        self.dev = make_stage(store, stages[0], max_seq, env.clock, env)
         self.dev.timers.trace = o.trace
         self.master = PipelineMaster(self.group, self.dev)
         self.step = self.master.step
@@ -179,7 +179,7 @@ class OneDevice:
     def __init__(self, setup: DeviceSetup, store: TensorStore, max_seq: int, env: DeviceEnv) -> None:
         o = setup.cfg.options
         if o.mode == "standalone":
-            source = ResidentSource(store)
+            source = ResidentSource(store, env=env)
         elif o.mode == "offload":
             source = OnDemandSource(store, env=env, drop_cache=o.drop_cache)
         elif o.mode == "standalone+ms":
@@ -228,7 +228,7 @@ def pipeline_worker(setup: DeviceSetup, rank: int, env: DeviceEnv) -> RankReport
         msg = group.channel(0).recv_json(Kind.CONTROL)
         if msg.get("op") != "setup":
             raise TpiError(f"rank {rank}: expected a setup message from the master, got {msg.get('op')!r}")
-        dev = make_stage(store, device_layers(cfg, store.cfg.num_hidden_layers)[rank], msg["max_seq"], env.clock)
+        dev = make_stage(store, device_layers(cfg, store.cfg.num_hidden_layers)[rank], msg["max_seq"], env.clock, env)
         dev.timers.trace = bool(msg.get("trace"))
         return stage_loop(group, dev)
     finally:

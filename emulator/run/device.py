@@ -6,8 +6,9 @@
       | CPU limits: wall clock: affinity to its share of the host's cores and as many BLAS threads;
       |             virtual clock: 1 BLAS thread (thread CPU time counts the calling thread only)
       | its place on the network (the kernel backend: its namespace), before any socket
-      | DeviceEnv: its clock (WallClock, or VirtualClock(speed); compute: free -> CPU time never
-      |            advances), its disk model (disk_read_mbps), the network's link hook on that clock
+      | DeviceEnv: its clock (WallClock, or VirtualClock with the compute model of options.compute:
+      |            measured, free or roofline), its disk model (disk_read_mbps, disk_latency_ms), the
+      |            network's link hook on that clock
       | rank 0: master_main -- the mode's driver (baselines.open_driver) runs the prompt set and writes
       |         JSON lines to the events pipe: ready, start, token, run (one per run), error, done
       | rank > 0: tpicore's tensor-parallel worker, or a pipeline stage (baselines.pipeline_worker)
@@ -26,6 +27,7 @@ import sys
 import time
 import traceback
 
+from emulator.config.compute_model import model_for
 from emulator.config.run_config import RunConfig
 from emulator.host.limits import apply_cores
 from emulator.net.clock import SPIN_S, VirtualClock, WallClock
@@ -48,8 +50,9 @@ def device_threads(cfg: RunConfig, rank: int) -> int:
 
 def make_clock(cfg: RunConfig, rank: int) -> VirtualClock | WallClock:
     if cfg.options.clock == "virtual":
-        speed = cfg.topology.devices[rank].speed
-        return VirtualClock(speed, cpu_time=(lambda: 0.0)) if cfg.options.compute == "free" else VirtualClock(speed)
+        d = cfg.topology.devices[rank]
+        return VirtualClock(d.speed, model=model_for(cfg.options.compute, d.speed, d.mem_bandwidth_gbytes_s,
+                                                     d.peak_gflops))
     # spinning before deadlines starves other devices when there are more devices than cores
     spin = SPIN_S if cfg.world_size <= len(os.sched_getaffinity(0)) else 0.0
     return WallClock(spin_s=spin)
@@ -61,7 +64,8 @@ def make_env(setup: DeviceSetup, rank: int) -> DeviceEnv:
     clock = make_clock(cfg, rank)
     setup.network.enter(rank)
     shaper = setup.network.hook(rank, clock, seed=cfg.workload.seed)
-    return DeviceEnv(clock=clock, disk=DiskModel(read_mbps=cfg.topology.devices[rank].disk_read_mbps),
+    d = cfg.topology.devices[rank]
+    return DeviceEnv(clock=clock, disk=DiskModel(read_mbps=d.disk_read_mbps, latency_ms=d.disk_latency_ms),
                      link_hook=shaper)
 
 
@@ -140,7 +144,7 @@ def master_main(setup: DeviceSetup, env: DeviceEnv, events_w: int) -> None:
             emit({"ev": "start", "run": i, "prompt_len": len(prompt)})
             t0 = time.perf_counter()
             gen = generate(driver.step, prompt, cfg.workload.new_tokens, Sampling(), (), max_seq,
-                           on_token=lambda tok, i=i: emit({"ev": "token", "run": i}), now=clock.now)
+                           on_token=lambda tok, i=i: emit({"ev": "token", "run": i}), now=clock.now, clock=clock)
             wall_s = time.perf_counter() - t0
             after = driver.collect()
             timings = TokenTimings.of(gen.tokens, gen.ttft_s, gen.token_latencies_s)

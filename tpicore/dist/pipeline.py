@@ -28,7 +28,7 @@ from tpicore.dist.tensor_parallel import LocalWorkers, set_blas_threads
 from tpicore.errors import TpiError
 from tpicore.model.split import apportion
 from tpicore.runtime.device import Device, ResidentSource
-from tpicore.runtime.env import Clock
+from tpicore.runtime.env import Clock, DeviceEnv
 from tpicore.runtime.generate import generate
 from tpicore.runtime.report import RankReport, TraceEvent
 from tpicore.weights.store import TensorStore
@@ -44,8 +44,10 @@ def plan_stages(n_layers: int, world_size: int, ratios: list[float] | None = Non
     return [range(int(starts[r]), int(starts[r + 1])) for r in range(world_size)]
 
 
-def make_stage(store: TensorStore, layers: range, max_seq: int, clock: Clock | None = None) -> Device:
-    return Device(store, ResidentSource(store), max_seq, clock=clock, layer_ids=layers)
+def make_stage(store: TensorStore, layers: range, max_seq: int, clock: Clock | None = None,
+               env: DeviceEnv | None = None) -> Device:
+    """A stage's device, weights resident (their first touch charged through env's disk, when given)."""
+    return Device(store, ResidentSource(store, env=env), max_seq, clock=clock, layer_ids=layers)
 
 
 def _send_on(group: Group, dst: int, positions: np.ndarray, x: np.ndarray) -> None:

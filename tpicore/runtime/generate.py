@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 
 from tpicore.errors import TpiError
+from tpicore.model.cost import elementwise_work
+from tpicore.runtime.env import Clock
 
 Step = Callable[[np.ndarray, int, bool], np.ndarray]  # (ids [T], pos, all_logits) -> logits [T or 1, V]
 
@@ -72,12 +74,13 @@ class Generation:
 def generate(step: Step, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_ids: tuple[int, ...] = (), max_seq: int = 2048, keep_logits: bool = False,
              on_token: Callable[[int], None] | None = None,
-             now: Callable[[], float] = time.perf_counter) -> Generation:
+             now: Callable[[], float] = time.perf_counter, clock: Clock | None = None) -> Generation:
     """Prefill the prompt, then decode one token at a time from the KV cache.
 
     `max_new_tokens` counts generated tokens only. With keep_logits, every position's logits are
     kept in order (prompt rows, then one per token fed back): T + n - 1 rows for n new tokens.
-    `now` is the clock TTFT and token latencies are read from (the emulator passes a virtual one).
+    `now` is the clock TTFT and token latencies are read from (the emulator passes a virtual one);
+    `clock`, when given, is charged each sampling step's CPU (Clock.cost_s: the logits read once).
     """
     if not prompt_ids:
         raise TpiError("prompt: empty (need at least one token)")
@@ -95,7 +98,10 @@ def generate(step: Step, prompt_ids: list[int], max_new_tokens: int, sampling: S
         out.logits.extend(logits)
     pos = len(prompt_ids)
     while True:
+        cpu0 = time.thread_time()
         tok = sample(logits[-1], sampling, rng)
+        if clock is not None:
+            clock.advance(clock.cost_s(time.thread_time() - cpu0, elementwise_work(logits.shape[-1])))
         t = now()
         if not out.tokens:
             out.ttft_s = t - t0

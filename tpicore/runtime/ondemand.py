@@ -7,7 +7,9 @@ module loads its weights, then runs it). Compare tpicore.runtime.window.WindowSo
 ahead on a thread. Reading is tpicore.weights.reader's BlockReader; must not start threads.
 
     acquire(block): shard file --pread--> fresh buffer per tensor (f32 as read; f16/bf16 raw, then
-                    widened by checkpoint.to_f32, the resident path's conversion: bit-identical)
+                    widened by checkpoint.to_f32, the resident path's conversion: bit-identical; ggml
+                    blocks kept as stored, a QuantMatrix like the resident path's, unless
+                    dequantize_at_load)
                     + posix_fadvise(DONTNEED) behind every read: the page cache does not grow
     device computes
     release(block): the buffers are dropped (freed)
@@ -39,13 +41,16 @@ class OnDemandSource:
 
     env: the device's clock and disk model (default: wall clock, the host's disk). drop_cache: drop
     the page cache behind every read (honest cold reads); False re-reads warm data, which only saves
-    real time when a disk is modelled on a virtual clock.
+    real time when a disk is modelled on a virtual clock. dequantize_at_load: ggml blocks widened to
+    float32 as they are read (else kept quantized and multiplied by the fused kernels).
     """
 
     streams_head = False  # Device.head asks for ("post", -1): the whole head, like the resident path
 
-    def __init__(self, store: TensorStore, env: DeviceEnv | None = None, drop_cache: bool = True) -> None:
+    def __init__(self, store: TensorStore, env: DeviceEnv | None = None, drop_cache: bool = True,
+                 dequantize_at_load: bool = False) -> None:
         env = env or DeviceEnv()
+        self.keep_quantized = not dequantize_at_load
         self.store, self.clock, self.disk = store, env.clock, env.disk
         self.reader = BlockReader(drop_cache)
         self.timers = Timers()
@@ -71,7 +76,7 @@ class OnDemandSource:
         weights, nbytes = {}, 0
         for leaf, name in leaves.items():
             info = self.store.ckpt.info(name)
-            weights[leaf] = self.reader.read_tensor(info, info.offset, info.nbytes, info.shape)
+            weights[leaf] = self.reader.read_tensor(info, info.offset, info.nbytes, info.shape, self.keep_quantized)
             nbytes += info.nbytes
         self._book(nbytes, t0, w0, block)
         self._held[block] = weights

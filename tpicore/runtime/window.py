@@ -11,8 +11,10 @@ Data path (one loader thread next to the compute thread):
 
     shard file --preadv--> slab   f32 tensors straight into the slab; bf16/f16 through an 8 MiB staging
         |                         buffer, widened by checkpoint.to_f32 (the resident path's conversion);
-        |                         ggml blocks (GGUF, quantized shards) likewise, dequantized row chunk by
-        |                         row chunk: only the quantized bytes are read (plan.nbytes)
+        |                         ggml blocks (GGUF, quantized shards) as stored: only the quantized bytes
+        |                         are read (plan.nbytes) and kept (weights.packed, fused dequantize+GEMV
+        |                         on the compute thread); with dequantize_at_load, dequantized row chunk
+        |                         by row chunk into float32 here instead
         +-- posix_fadvise(DONTNEED) behind every read: the file's page cache does not grow
     slab --acquire(block)--> Device computes (+ allreduce) --release(block)--> slab free for a later block
 
@@ -41,9 +43,12 @@ Time: loads, stalls and trace events are booked into the Device's Timers (attach
 clock (env.clock). A modelled disk (env.disk) stretches each load to at least its modelled time. On a
 virtual clock (the emulator) the loader keeps its own virtual timeline: load k starts when the loader
 is free and its window slot was released (in virtual time) and takes the disk model's time (or the
-measured read time, with no modelled rate) plus, for quantized weights, the loader thread's CPU time
-spent dequantizing (divided by the device's speed: dequantization is real work); acquire then advances the device's clock to the block's
-virtual ready time, which is the stall. The reads themselves still happen in real time.
+measured read time, with no modelled rate) plus, with a modelled disk, the loader thread's own CPU time
+for the block (copying out of the kernel, widening bf16/f16, dequantizing ggml blocks) priced by the
+clock's compute model (Clock.cost_s: measured CPU / speed, or the roofline of the bytes read and written);
+acquire then advances the device's clock to the block's virtual ready time, which is the stall. The
+reads themselves still happen in real time. The embedding rows (read on the compute thread) are charged
+through the disk model on the device's clock and booked as a load.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import time
 import numpy as np
 
 from tpicore.errors import TpiError
+from tpicore.model.cost import F32_BYTES, Work
 from tpicore.model.split import Block, block_order
 from tpicore.runtime.device import Timers, block_name
 from tpicore.runtime.env import DeviceEnv
@@ -66,8 +72,9 @@ from tpicore.weights.store import TensorStore, head_row_ranges
 EMBED = "model.embed_tokens.weight"
 
 
-def plan_block(store: TensorStore, block: Block) -> BlockPlan:
-    """The reads that make up one block, laid out back to back in a float32 slab (a head chunk: its rows)."""
+def plan_block(store: TensorStore, block: Block, keep_quantized: bool = True) -> BlockPlan:
+    """The reads that make up one block, laid out back to back in a float32 slab (a head chunk: its rows);
+    keep_quantized: ggml blocks take their stored bytes (multiplied by the fused kernels, weights.packed)."""
     kind, c = block
     parts = []
     for leaf, name in store.leaves(block).items():
@@ -78,7 +85,7 @@ def plan_block(store: TensorStore, block: Block) -> BlockPlan:
             row = info.nbytes // info.shape[0]
             offset, nbytes, shape = info.offset + lo * row, (hi - lo) * row, (hi - lo,) + info.shape[1:]
         parts.append((leaf, info, offset, nbytes, shape))
-    return lay_out(block, parts)
+    return lay_out(block, parts, keep_quantized)
 
 
 class Slabs:
@@ -141,7 +148,7 @@ class WindowSource:
     streams_head = True  # Device.head asks for ("post", c) chunks instead of the whole head
 
     def __init__(self, store: TensorStore, window: int = 2, retain_every: int = 0, env: DeviceEnv | None = None,
-                 drop_cache: bool = True) -> None:
+                 drop_cache: bool = True, dequantize_at_load: bool = False) -> None:
         if not isinstance(window, int) or window < 2:
             raise TpiError(f"--window: expected an integer >= 2, got {window!r}")
         if retain_every < 0:
@@ -153,7 +160,7 @@ class WindowSource:
         chunks = len(head_row_ranges(store)) if master else None
         first = store.layout.shared_layers(n_layers).start if not master else 0  # a worker skips private layers
         self.order: list[Block] = [b for b in block_order(n_layers, master, chunks, first) if b[0] != "pre"]
-        self.plans = {b: plan_block(store, b) for b in self.order}
+        self.plans = {b: plan_block(store, b, not dequantize_at_load) for b in self.order}
         self.retain = {("ffn", layer) for layer in retained_layers(n_layers, retain_every)}
         self.book = WindowBook(window, retain_every, n_layers)
         self.timers = Timers(window=self.book.stats)
@@ -245,8 +252,21 @@ class WindowSource:
             self.book.end_step(j // P, now, slab_bytes, retained_bytes)
 
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Embedding rows for the tokens at hand, read past the page cache: [T] -> [T, D]."""
-        return self.store.embed_rows(ids, self.reader)
+        """Embedding rows for the tokens at hand, read past the page cache: [T] -> [T, D]; the read is
+        charged through the disk model on the device's clock and booked as a load."""
+        t0, w0 = self.clock.now(), time.perf_counter()
+        rows = self.store.embed_rows(ids, self.reader)  # [T] -> [T, D]
+        table = self.store.ckpt.info(EMBED)
+        nbytes = len(ids) * (table.nbytes // table.shape[0])
+        measured = time.perf_counter() - w0
+        if self.clock.virtual:
+            self.clock.advance(self.disk.charge_s(nbytes, measured))
+        elif self.disk.modelled:  # a slow modelled disk on a wall clock: really wait the rest
+            self.clock.advance(max(0.0, self.disk.floor_s(nbytes) - measured))
+        with self._cond:
+            self.timers.load_s += self.clock.now() - t0
+            self.timers.loaded_bytes += nbytes
+        return rows
 
     def close(self) -> None:
         with self._cond:
@@ -279,14 +299,17 @@ class WindowSource:
                         return
                     slab = -1 if keep else self._slabs.take(plan.elems)
                 buf = np.empty(plan.elems, dtype=np.float32) if keep else self._slabs.arrays[slab]
-                t0, dq0 = time.perf_counter(), self.reader.dequant_cpu_s
+                t0, cpu0 = time.perf_counter(), self.reader.dequant_cpu_s + self.reader.widen_cpu_s
                 weights = self.reader.read_block(plan, buf)
                 if self._timeline is not None:  # charged on the loader's virtual timeline, no real waiting
                     with self._cond:
                         start = self._timeline.start(n, not keep)
                     dt = self.disk.charge_s(plan.nbytes, time.perf_counter() - t0)
-                    if self.disk.read_mbps is not None:  # a modelled disk, then dequantization: the loader
-                        dt += (self.reader.dequant_cpu_s - dq0) / self.clock.speed  # thread's own CPU time
+                    if self.disk.read_mbps is not None:  # a modelled disk, then the loader thread's own CPU
+                        # widening or dequantizing: stored bytes read, float32 written, an op per element
+                        cpu_s = self.reader.dequant_cpu_s + self.reader.widen_cpu_s - cpu0
+                        work = Work(plan.elems, plan.nbytes + F32_BYTES * plan.elems) if plan.nbytes < F32_BYTES * plan.elems else Work()
+                        dt += self.clock.cost_s(cpu_s, work)
                     self._timeline.at = start + dt
                 else:
                     self._throttle(t0 + self.disk.floor_s(plan.nbytes))

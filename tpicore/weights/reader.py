@@ -1,14 +1,17 @@
 """Reading weights past the page cache: the one pread loop, drop-behind, and widening to float32.
 
-Layer: weights (imports tpicore.weights.checkpoint, the Block type of tpicore.model.split, errors).
-Owns every positional read of a weight file: `read_exact` (the pread loop, used as is by tpi shard),
-`drop_cache`, `read_raw` (TensorStore.load) and `BlockReader`, which the window scheduler, on-demand
-loading and embedding-row reads share. Must not know about block order, threads, clocks or devices.
+Layer: weights (imports tpicore.weights.{checkpoint,packed,quant}, the Block type of tpicore.model.split,
+errors). Owns every positional read of a weight file: `read_exact` (the pread loop, used as is by tpi
+shard), `drop_cache`, `read_raw` (TensorStore.load), `load_resident` (a resident ggml weight kept
+quantized) and `BlockReader`, which the window scheduler, on-demand loading and embedding-row reads share. Must not know about block order, threads, clocks or devices.
 
     file --pread (<= READ_BYTES a call)--> destination     f32: straight into the destination
         |                                                   f16/bf16: through a reused staging buffer,
         |                                                   widened by checkpoint.to_f32 (bit-identical to
-        |                                                   the resident path's conversion)
+        |                                                   the resident path's conversion); ggml blocks
+        |                                                   kept quantized (plan's `packed` reads): read
+        |                                                   as stored into the buffer's bytes, handed out
+        |                                                   as a QuantMatrix (no dequantization here)
         +-- posix_fadvise(DONTNEED) behind every read (BlockReader with drop_cache): the file's page
             cache does not grow, so the reader's RSS tells the truth about its memory
 """
@@ -31,7 +34,8 @@ from tpicore.weights.checkpoint import (
     stored_layout,
     to_f32,
 )
-from tpicore.weights.quant import is_block_quantized
+from tpicore.weights.packed import QuantMatrix
+from tpicore.weights.quant import GGML_TYPES, is_block_quantized
 
 READ_BYTES = 8 << 20  # one read call; the page cache behind it is dropped right after
 # The page cache keeps file data in large folios (up to a few MiB, sized by readahead), and
@@ -87,6 +91,7 @@ class TensorRead:
     nbytes: int
     shape: tuple[int, ...]
     at: int  # first float32 element in the buffer
+    packed: bool = False  # ggml blocks kept as they are stored (a QuantMatrix over the buffer's bytes)
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,16 @@ class BlockPlan:
         return sum(r.nbytes for r in self.reads)
 
 
-def lay_out(block: Block, parts: list[tuple[str, TensorInfo, int, int, tuple[int, ...]]]) -> BlockPlan:
-    """A BlockPlan from (leaf, info, offset, nbytes, shape) parts, each aligned to ALIGN_ELEMS floats."""
+def lay_out(block: Block, parts: list[tuple[str, TensorInfo, int, int, tuple[int, ...]]],
+            keep_quantized: bool = False) -> BlockPlan:
+    """A BlockPlan from (leaf, info, offset, nbytes, shape) parts, each aligned to ALIGN_ELEMS floats.
+    keep_quantized: 2-D ggml-block tensors take their stored bytes in the buffer (read as they are, used
+    as a QuantMatrix) instead of float32 elements."""
     reads, at = [], 0
     for leaf, info, offset, nbytes, shape in parts:
-        reads.append(TensorRead(leaf, info, offset, nbytes, shape, at))
-        n = int(np.prod(shape, dtype=np.int64))
+        packed = keep_quantized and is_block_quantized(info.dtype) and len(shape) == 2
+        reads.append(TensorRead(leaf, info, offset, nbytes, shape, at, packed))
+        n = -(-nbytes // 4) if packed else int(np.prod(shape, dtype=np.int64))  # float32 slots taken
         at += -(-n // ALIGN_ELEMS) * ALIGN_ELEMS
     return BlockPlan(block, tuple(reads), at)
 
@@ -127,6 +136,15 @@ def read_raw(info: TensorInfo) -> np.ndarray:
     return rows_in_hf_order(info, out)
 
 
+def load_resident(info: TensorInfo, dequantize_at_load: bool) -> QuantMatrix | None:
+    """A 2-D block-quantized tensor kept quantized (a QuantMatrix multiplying with the fused kernels); None
+    for anything the caller loads as float32 (other dtypes, 1-D tensors, or `dequantize_at_load`)."""
+    if dequantize_at_load or not is_block_quantized(info.dtype) or len(info.shape) != 2:
+        return None
+    assert info.shape[1] % GGML_TYPES[info.dtype].block_elems == 0
+    return QuantMatrix(read_raw(info), info.dtype, info.shape[1], fused=True)  # q/k rows in HF order
+
+
 class BlockReader:
     """Positional reads of weight files into float32, with the files kept open until close().
 
@@ -141,6 +159,7 @@ class BlockReader:
         self._stage = np.empty(0, dtype=np.uint16)  # raw f16/bf16 bits on their way into a block buffer
         self.dequant_cpu_s = 0.0  # this reader's thread CPU time spent dequantizing ggml blocks (a virtual
         # clock charges it: the window's loader timeline)
+        self.widen_cpu_s = 0.0  # likewise, widening f16/bf16 blocks to float32
 
     def open(self, path: str) -> int:
         """The file's descriptor (opened on first use; open files early to read from another thread)."""
@@ -152,13 +171,19 @@ class BlockReader:
     def read(self, path: str, buf: memoryview, offset: int, ahead: int = 0, stoppable: bool = False) -> None:
         read_exact(self.open(path), buf, offset, path, self.drop_cache, ahead, self.stop if stoppable else None)
 
-    def read_tensor(self, info: TensorInfo, offset: int, nbytes: int, shape: tuple[int, ...]) -> np.ndarray:
+    def read_tensor(self, info: TensorInfo, offset: int, nbytes: int, shape: tuple[int, ...],
+                    keep_quantized: bool = False) -> np.ndarray | QuantMatrix:
         """float32 array of `shape` from `nbytes` stored bytes at `offset`: read raw into a new array, then
-        widened (f32 is returned as read)."""
-        if is_block_quantized(info.dtype):  # GGUF blocks: whole rows of bytes, dequantized
+        widened (f32 is returned as read). keep_quantized: a 2-D ggml-block tensor comes back as stored, a
+        QuantMatrix (fused dequantize+GEMV), like the resident path's and the window's."""
+        if is_block_quantized(info.dtype):  # GGUF blocks: whole rows of bytes, dequantized or kept
             rows = int(np.prod(shape[:-1], dtype=np.int64))  # 1 for a 1-D tensor
             raw = np.empty((rows, nbytes // rows), dtype=np.uint8)  # [rows, row_bytes]
             self.read(info.path, memoryview(raw.reshape(-1)), offset)
+            if keep_quantized and len(shape) == 2:
+                if info.llama_cpp_heads and shape == info.shape:  # GGUF q/k rows back into HF order
+                    raw = rows_in_hf_order(info, raw)
+                return QuantMatrix(raw, info.dtype, shape[1], fused=True)
             return self._hf_rows(info, to_f32(raw, info.dtype).reshape(shape))
         if info.dtype not in WEIGHT_DTYPES:
             raise TpiError(f"{info.path}: tensor {info.name!r}: dtype {info.dtype} cannot be a weight")
@@ -175,7 +200,8 @@ class BlockReader:
 
     def read_block(self, plan: BlockPlan, buf: np.ndarray) -> dict[str, np.ndarray]:
         """Every read of `plan` into float32 `buf` (>= plan.elems): leaf -> view of `buf`. f32 is read
-        straight into `buf`; f16/bf16 through the staging buffer (READ_BYTES), widened chunk by chunk."""
+        straight into `buf`; f16/bf16 through the staging buffer (READ_BYTES), widened chunk by chunk; ggml
+        blocks either kept as stored (packed reads: a QuantMatrix over `buf`'s bytes) or dequantized."""
         weights = {}
         for r in plan.reads:
             n = int(np.prod(r.shape, dtype=np.int64))
@@ -190,7 +216,17 @@ class BlockReader:
                     m = min(per, n - i)
                     stage = self._stage[:m]
                     self.read(r.info.path, memoryview(stage).cast("B"), r.offset + 2 * i, stoppable=True)
+                    cpu0 = time.thread_time()
                     to_f32(stage.view(DTYPES[r.info.dtype]), r.info.dtype, out=dst[i: i + m])
+                    self.widen_cpu_s += time.thread_time() - cpu0
+            elif r.packed:  # the stored blocks as they are: [rows, row_bytes] in the buffer's bytes
+                rows = r.shape[0]
+                raw = dst[: -(-r.nbytes // 4)].view(np.uint8)[: r.nbytes].reshape(rows, r.nbytes // rows)
+                self.read(r.info.path, memoryview(raw.reshape(-1)), r.offset, stoppable=True)
+                if r.info.llama_cpp_heads and r.shape == r.info.shape:  # GGUF q/k rows back into HF order
+                    raw[...] = rows_in_hf_order(r.info, raw)
+                weights[r.leaf] = QuantMatrix(raw, r.info.dtype, r.shape[1], fused=True)
+                continue
             elif is_block_quantized(r.info.dtype):
                 self._read_quantized(r, dst)
             else:
