@@ -38,7 +38,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import cpu_pressure, ensure_model, print_table  # noqa: E402
-from tpicore.dist.tensor_parallel import ParallelSession, plan_ratios, set_blas_threads  # noqa: E402
+from tpicore.comm.channel import spin_budget_s, usable_cores  # noqa: E402
+from tpicore.dist.session import ParallelSession, plan_ratios
+from tpicore.dist.tensor_parallel import set_blas_threads  # noqa: E402
 from tpicore.model.config import ModelConfig  # noqa: E402
 from tpicore.model.split import split_layouts  # noqa: E402
 from tpicore.runtime.device import Device, ResidentSource  # noqa: E402
@@ -158,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("speedup", "speedup"), ("x_bound", "x bound"), ("bound_ms", "bound ms"), ("path_mb", "path MB"),
                        ("same", "same")],
                 f"decode ms/token, {a.tokens} tokens x {a.rounds} rounds (median), 1 BLAS thread per process, "
-                f"star allreduce, sealed frames; load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end, "
+                f"star allreduce, sealed frames, receives poll up to "
+                f"{' / '.join(f'{spin_budget_s(n) * 1e6:.0f}' for n in a.devices if n > 1)} us at N = "
+                f"{' / '.join(str(n) for n in a.devices if n > 1)} ({usable_cores()} cores); load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end, "
                 f"CPU pressure max {max(pressure):.0f}%")
     return 0
 

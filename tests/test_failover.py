@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tpicore.dist.tensor_parallel import MASTER_GRACE, ParallelSession, run_local
+from tpicore.dist.session import ParallelSession, run_local
+from tpicore.dist.tensor_parallel import MASTER_GRACE
 from tpicore.errors import TpiError
 from tpicore.runtime.generate import Sampling, generate
 from tpicore.runtime.session import GenerateOptions
@@ -230,7 +231,7 @@ def test_listen_shards_only_cannot_recover(model, remote):
 
 MASTER = """
 import sys, time, numpy as np
-from tpicore.dist.tensor_parallel import ParallelSession
+from tpicore.dist.session import ParallelSession
 from tpicore.runtime.session import GenerateOptions
 shards, addr, secret, timeout_s = sys.argv[1:5]
 s = ParallelSession(GenerateOptions(shards=shards, devices=3, listen=addr, secret_file=secret,

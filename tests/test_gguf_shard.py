@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tpicore.dist.tensor_parallel import run_local
+from tpicore.dist.session import run_local
 from tpicore.model.config import ModelConfig
 from tpicore.model.tensors import shard_slice
 from tpicore.runtime.device import Device, ResidentSource

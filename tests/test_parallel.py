@@ -17,7 +17,7 @@ from conftest import hf_logits
 from tpicore.comm import handshake
 from tpicore.comm.channel import Channel
 from tpicore.comm.frame import BOXED, HEADER_NBYTES, pack_header, unpack_header
-from tpicore.dist.tensor_parallel import ParallelSession, run_local
+from tpicore.dist.session import ParallelSession, run_local
 from tpicore.errors import TpiError
 from tpicore.runtime.device import Device, ResidentSource
 from tpicore.runtime.generate import generate
@@ -138,7 +138,7 @@ def _recording_worker(rank, addr, shard_dir, secret, timeout_s, blas, model, log
         return stamps
 
     handshake.recv_frame, Channel.header_in, Channel.body_in = recv_frame, header_in, body_in
-    from tpicore.dist import tensor_parallel as parallel
+    from tpicore.dist import session as parallel
 
     parallel._local_worker_main(rank, addr, shard_dir, secret, timeout_s, blas)
 
@@ -165,7 +165,7 @@ def frames_per_socket(path):
 
 def test_workers_never_see_token_ids_or_text(hf_models, tmp_path, monkeypatch):
     """Record every frame a worker receives; none carries token ids or text."""
-    from tpicore.dist import tensor_parallel as parallel
+    from tpicore.dist import session as parallel
 
     model_dir, _ = hf_models("wide")
     prompt = [101, 17, 42, 99, 77, 130, 64, 12]

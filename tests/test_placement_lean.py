@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tpicore.dist.tensor_parallel import DEFAULT_PLACEMENT, plan_ratios
+from tpicore.dist.session import DEFAULT_PLACEMENT, plan_ratios
 from tpicore.model import llama as M
 from tpicore.model.config import ModelConfig
 from tpicore.model.split import balanced_ratios, parse_ratios, split_layouts, step_bytes

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_parallel import _recording_worker, frames_per_socket
 
-from tpicore.dist.tensor_parallel import run_local
+from tpicore.dist.session import run_local
 from tpicore.errors import TpiError
 from tpicore.model.config import ModelConfig
 from tpicore.model.split import Layout, block_order, split_layouts
@@ -108,7 +108,7 @@ def test_shards_record_k_in_manifest_and_fingerprint(hf_models, tmp_path):
 
 
 def _record_workers(monkeypatch, tmp_path, ranks):
-    from tpicore.dist import tensor_parallel as parallel
+    from tpicore.dist import session as parallel
 
     logs = {r: str(tmp_path / f"rank{r}.bin") for r in ranks}
     real_start = parallel.LocalWorkers.start

@@ -83,7 +83,7 @@ def test_sharded_checkpoint_and_window_edge_cases(hf_models):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_window_equals_resident_parallel(hf_models, tmp_path, monkeypatch, n):
-    from tpicore.dist.tensor_parallel import run_local
+    from tpicore.dist.session import run_local
 
     monkeypatch.setenv("TPI_CACHE_DIR", str(tmp_path))
     model_dir, _ = hf_models("gqa", "bfloat16", vocab_size=VOCAB)

@@ -12,7 +12,7 @@ from serve_util import synth_tiny
 from test_parallel import _recording_worker, frames_per_socket
 
 from tpicore.comm.frame import BOXED
-from tpicore.dist import tensor_parallel as parallel
+from tpicore.dist import session as parallel
 from tpicore.runtime.session import GenerateOptions
 from tpicore.serve.engine import Engine
 from tpicore.serve.server import ServeOptions, Server

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import hf_logits
 
+from tpicore.dist.session import run_local
 from tpicore.dist.split_head import check_split_head, vocab_ranges
-from tpicore.dist.tensor_parallel import run_local
 from tpicore.errors import TpiError
 from tpicore.runtime.device import Device, ResidentSource
 from tpicore.runtime.generate import generate

@@ -17,7 +17,7 @@ import numpy as np
 
 from tpicore.cli import checks
 from tpicore.comm.channel import DEFAULT_TIMEOUT_S
-from tpicore.dist.tensor_parallel import ParallelSession
+from tpicore.dist.session import ParallelSession
 from tpicore.errors import TpiError
 from tpicore.runtime.generate import Generation, Sampling, generate
 from tpicore.runtime.memory import peak_rss_bytes
@@ -40,13 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--dump-logits", metavar="FILE.npy", help="save float32 logits [rows, vocab]")
     tp, mem = add_placement_arguments(p)
-    tp.add_argument("--split-head", action="store_true",
-                    help="shard the LM head over the devices by vocabulary rows: each worker then sees its slice's "
-                         "logits every step (default: the head stays on the master)")
     mem.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace of the blocks")
-    mem.add_argument("--dequantize-at-load", action="store_true",
-                     help="GGUF/quantized weights held resident as float32 (4-7x the memory, faster per token); "
-                          "default: kept quantized, dequantized chunk by chunk in each GEMV")
 
 
 def add_placement_arguments(p: argparse.ArgumentParser) -> tuple:
@@ -74,6 +68,12 @@ def add_placement_arguments(p: argparse.ArgumentParser) -> tuple:
     mem.add_argument("--window", type=int, default=None, help="sliding window of resident blocks (>= 2)")
     mem.add_argument("--no-window", action="store_true", help="keep every block resident (default)")
     mem.add_argument("--retain-every", type=int, default=0, help="keep one FFN block in every T resident")
+    tp.add_argument("--split-head", action="store_true",
+                    help="shard the LM head over the devices by vocabulary rows: each worker then sees its slice's "
+                         "logits every step (default: the head stays on the master)")
+    mem.add_argument("--dequantize-at-load", action="store_true",
+                     help="GGUF/quantized weights widened to float32 when loaded (4-7x the memory, in the window's "
+                          "slabs too); default: kept quantized, multiplied by fused dequantize+GEMV kernels")
     return tp, mem
 
 

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 LOBBY_WORLD = 1 << 15  # member ids are 1..LOBBY_WORLD-1
 LOBBY_FINGERPRINT = "tpi-lobby"
-_RUN_S = 3600.0  # one Admissions run; the lobby starts another until stopped
+_RUN_S = 3600.0
+JOIN_BUDGET_S = 60.0  # a spare may start before the master: it keeps trying this long (or its timeout)  # one Admissions run; the lobby starts another until stopped
 
 
 def lobby_terms(secret: bytes | None, encrypt: bool, host: str) -> Terms:
@@ -105,12 +106,13 @@ class Lobby:
 def join_lobby(master_addr: str | tuple[str, int], member_id: int, *, secret: bytes | None,
                timeout_s: float = DEFAULT_TIMEOUT_S, encrypt: bool = True) -> Group:
     """A standby member's side: join the master's lobby (retrying refusals, e.g. while the master is still
-    forming its group, until `timeout_s`); returns a one-channel Group (this member <-> rank 0)."""
+    forming its group, for max(JOIN_BUDGET_S, timeout_s)); returns a one-channel Group (member <-> rank 0)."""
     if not 1 <= member_id < LOBBY_WORLD:
         raise TpiError(f"member id must be in 1..{LOBBY_WORLD - 1}, got {member_id}")
     addr = parse_addr(master_addr)
     terms = lobby_terms(secret, encrypt, addr[0])
-    deadline = time.monotonic() + timeout_s
+    budget_s = max(JOIN_BUDGET_S, timeout_s)
+    deadline = time.monotonic() + budget_s
     while True:
         try:
             ch = join_master(addr, deadline, rank=member_id, terms=terms, secret=secret, timeout_s=timeout_s)
@@ -118,5 +120,5 @@ def join_lobby(master_addr: str | tuple[str, int], member_id: int, *, secret: by
         except TpiError as e:
             if time.monotonic() + 0.5 >= deadline:
                 raise TpiError(f"could not join the master's lobby at {addr[0]}:{addr[1]} within "
-                               f"{timeout_s:.1f} s: {e}") from None
+                               f"{budget_s:.1f} s: {e}") from None
             time.sleep(0.5)

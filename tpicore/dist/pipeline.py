@@ -24,7 +24,8 @@ from tpicore.comm.channel import DEFAULT_TIMEOUT_S
 from tpicore.comm.endpoint import open_listener
 from tpicore.comm.frame import Kind, parse_json
 from tpicore.comm.group import Group
-from tpicore.dist.tensor_parallel import LocalWorkers, set_blas_threads
+from tpicore.dist.local_workers import LocalWorkers
+from tpicore.dist.tensor_parallel import set_blas_threads
 from tpicore.errors import TpiError
 from tpicore.model.split import apportion
 from tpicore.runtime.device import Device, ResidentSource

@@ -18,62 +18,42 @@ model math (tpicore.model) or wire-format details (tpicore.comm).
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
-import sys
-import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from tpicore.comm import collectives as C
 from tpicore.comm.channel import (
-    DEFAULT_TIMEOUT_S,
     ControlMessage,
     PeerLost,
     PeerTimeout,
 )
-from tpicore.comm.endpoint import is_loopback, open_listener
 from tpicore.comm.frame import CommError, Kind, ProtocolError, parse_json
 from tpicore.comm.group import Group
-from tpicore.comm.lobby import Lobby, join_lobby
+from tpicore.comm.lobby import join_lobby
 from tpicore.dist import split_head
 from tpicore.dist.failover import (
     MasterLost,
     Member,
-    Recovery,
     Regroup,
-    SliceSource,
     Stopped,
     as_regroup,
     await_regroup,
     next_control,
-    regroup,
     rejoin,
     standby,
 )
-from tpicore.dist.local_workers import LocalWorkers, report_failure
+from tpicore.dist.local_workers import report_failure
 from tpicore.dist.split_head import HeadSlice
 from tpicore.errors import TpiError
-from tpicore.model.config import ModelConfig
-from tpicore.model.split import balanced_ratios, check_private_layers, parse_ratios
 from tpicore.runtime.device import Device
 from tpicore.runtime.env import DeviceEnv
-from tpicore.runtime.generate import Sampling, generate
 from tpicore.runtime.report import RankReport, TimeSplit
-from tpicore.runtime.session import GenerateOptions, make_source, write_trace
+from tpicore.runtime.session import make_source
 from tpicore.schema import Choice, Flag, Int, OptInt, Record, load
-from tpicore.tools.shard import cached_shards
-from tpicore.weights.gguf import GGUFCheckpoint, is_gguf_path
 from tpicore.weights.store import TensorStore
-
-# --ratios when not given (see plan_ratios). "equal", not "balanced": every block ends in an allreduce (a
-# barrier), so a step costs the sum over blocks of the slowest rank plus the master's LM head; equal shares
-# minimise that sum, and giving the master fewer columns only moves them onto the workers' critical path
-# (125M model, N = 2: 249 MB of weights on the critical path with equal shares, 298 MB balanced).
-DEFAULT_PLACEMENT = "equal"
-
 
 # With failover a worker waits this many timeouts for the master mid-step: the master itself takes up to one
 # timeout to declare a silent peer lost, then regroups. A master that is gone (EOF) is noticed at once.
@@ -93,6 +73,7 @@ class RunOptions(Record):
                              # emulator with a modelled disk on a virtual clock: same times, less real time)
     split_head: Flag = False  # --split-head: each rank computes its vocabulary slice's logits (split_head.py)
     failover: Flag = False  # a failed collective keeps the channels open: the master regroups (failover.py)
+    dequantize_at_load: Flag = False  # --dequantize-at-load: ggml weights as float32 when loaded (else kept quantized)
 
     def to_json(self) -> dict:
         return self.model_dump()
@@ -108,7 +89,7 @@ def make_device(store: TensorStore, opts: RunOptions, allreduce, env: DeviceEnv)
     load on the loader's own timeline) when opts asks for one, else resident weights."""
     idle = store.layout.rank != 0 and not store.layout.shared_layers(store.cfg.num_hidden_layers)
     window = None if idle else opts.window  # a worker holding no layer (all private) has nothing to stream
-    source = make_source(store, window, opts.retain_every, env, opts.drop_cache)
+    source = make_source(store, window, opts.retain_every, env, opts.drop_cache, opts.dequantize_at_load)
     dev = Device(store, source, opts.max_seq, allreduce, env.clock)
     dev.timers.trace = opts.trace
     return dev
@@ -349,271 +330,3 @@ def read_secret(path: str | None) -> bytes | None:
     if len(secret) < 16:
         raise TpiError(f"--secret-file: {path} holds {len(secret)} bytes; use at least 16 random bytes")
     return secret
-
-
-def plan_ratios(opts: GenerateOptions) -> list[float]:
-    """--ratios: numbers as given, 'equal', or 'balanced' (model.split.balanced_ratios: the master, which
-    also runs the LM head, gets fewer heads and FFN columns); not given: DEFAULT_PLACEMENT."""
-    n = opts.devices
-    text = (opts.ratios or DEFAULT_PLACEMENT).strip()
-    if text != "balanced":
-        return parse_ratios(text, n)
-    if not opts.model or not os.path.exists(opts.model):  # a missing model: cached_shards says so
-        return parse_ratios(None, n)
-    cfg = GGUFCheckpoint(opts.model).cfg if is_gguf_path(opts.model) else ModelConfig.from_dir(opts.model)
-    return balanced_ratios(cfg, n, opts.private_layers or 0)
-
-
-def shard_dirs_for(opts: GenerateOptions) -> list[str]:
-    n = opts.devices
-    if opts.shards:
-        dirs = [os.path.join(opts.shards, f"rank-{r}") for r in range(n)]
-        if not os.path.isdir(dirs[0]):
-            raise TpiError(f"--shards: {dirs[0]} not found (expected the output folder of `tpi shard`)")
-        return dirs
-    return cached_shards(opts.model, n, plan_ratios(opts), private_layers=opts.private_layers or 0)
-
-
-class ParallelSession:
-    """`tpi generate --devices N`: the master here, workers spawned locally or joining over TCP."""
-
-    def __init__(self, opts: GenerateOptions) -> None:
-        self.opts = opts
-        n = opts.devices
-        if n < 1:
-            raise TpiError(f"--devices: expected >= 1, got {n}")
-        if opts.private_layers is not None and opts.model and os.path.isdir(opts.model):  # before any sharding
-            check_private_layers(opts.private_layers, ModelConfig.from_dir(opts.model))
-        self.dirs = shard_dirs_for(opts) if not opts.listen else None
-        if self.dirs:
-            master_dir = self.dirs[0]
-        elif opts.shards:
-            master_dir = os.path.join(opts.shards, "rank-0")
-        else:  # --listen with --model: this host shards (cached) and serves rank 0
-            master_dir = cached_shards(opts.model, n, plan_ratios(opts),
-                                       private_layers=opts.private_layers or 0)[0]
-        self.store = TensorStore.from_shard_dir(master_dir)
-        if self.store.layout.world_size != n:
-            raise TpiError(f"{master_dir}: shards are for {self.store.layout.world_size} devices, not --devices {n}")
-        k = self.store.layout.private_layers
-        if opts.private_layers is not None and opts.private_layers != k:
-            raise TpiError(f"{master_dir}: shards were written with --private-layers {k}, not {opts.private_layers} "
-                           "(re-run tpi shard with --private-layers, or leave the flag out)")
-        self.store.check()
-        self.cfg = self.store.cfg
-        self.tokenizer_dir = master_dir
-        self.workers = LocalWorkers()
-        self.master: Master | None = None
-        self.group: Group | None = None
-        self.failover = opts.failover and n > 1
-        self.lobby: Lobby | None = None
-        self.ratios = tuple(plan_ratios(opts)) if not opts.shards else tuple(parse_ratios(None, n))
-        self.slices = SliceSource(opts.model, opts.shards, (n, self.ratios), k)
-        self.recoveries: list[Recovery] = []
-        self._fed: list[int] = []  # the token ids fed so far, by position (replayed into new KV caches)
-        self._epoch = 0
-        self._step_times: list[TimeSplit] = []  # of the Masters before the last regroup
-        self._run_opts: RunOptions | None = None
-        self.member_of = {r: r for r in range(n)}  # current rank -> the worker's member id (its first rank;
-                                                    # a spare's lobby id): which local process holds a rank
-
-    @classmethod
-    def open(cls, opts: GenerateOptions) -> "ParallelSession":
-        return cls(opts)
-
-    def __enter__(self) -> "ParallelSession":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(failed=exc_type is not None)
-
-    def prepare(self, max_seq: int) -> None:
-        o, n = self.opts, self.opts.devices
-        if o.listen:
-            host, _, port = o.listen.rpartition(":")
-            if not host or not port.isdigit():
-                raise TpiError(f"--listen: expected HOST:PORT, got {o.listen!r}")
-            secret = read_secret(o.secret_file)
-            if not is_loopback(host) and secret is None:
-                raise TpiError("--listen on a non-loopback address needs --secret-file (workers must authenticate)")
-            listener = open_listener(host, int(port))
-        else:
-            secret = secrets.token_bytes(32)
-            listener = open_listener("127.0.0.1", 0)
-            addr = "127.0.0.1:%d" % listener.getsockname()[1]
-            blas = max(1, (os.cpu_count() or 1) // n)
-            set_blas_threads(blas)
-            copy = o.model if self.failover else None  # on this host every worker can re-shard the model
-            spares = o.spares if self.failover else 0
-            self.workers.start(_local_worker_main, {
-                **{r: (r, addr, self.dirs[r], secret, o.timeout_s, blas, copy) for r in range(1, n)},
-                **{r: (r, addr, None, secret, o.timeout_s, blas, copy, True) for r in range(n, n + spares)}})
-            self.workers.watch(lambda: stop_listening(listener))  # a worker failing at start-up ends the wait
-        try:
-            self.group = Group.master(n, secret=secret, fingerprint=self.store.fingerprint, timeout_s=o.timeout_s,
-                                      listener=listener, mesh=o.allreduce != "star", keep_listener=self.failover)
-        except TpiError as e:
-            failure = self.workers.startup_failure() if self.workers.procs else None
-            if failure:  # the worker's own line, naming its rank: the cause, not the master's wait
-                raise TpiError(failure) from None
-            dead = self.workers.dead()
-            if dead:
-                raise TpiError(f"rank {dead[0][0]} exited with code {dead[0][1]} before joining ({e})") from None
-            raise
-        self.workers.formed()
-        if self.failover:  # spares and devices coming back join here from now on
-            self.lobby = Lobby(listener, secret=secret, timeout_s=o.timeout_s)
-        self._run_opts = RunOptions(max_seq=max_seq, allreduce=o.allreduce, window=o.window,
-                                    retain_every=o.retain_every, trace=o.trace, split_head=o.split_head,
-                                    failover=self.failover)
-        self.master = Master(self.group, self.store, self._run_opts)
-
-    def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
-        """ids [T] at positions pos.. -> logits; with failover, a lost device is replaced or split away,
-        the history replayed, and the step run again on the new group (one note line on stderr)."""
-        if not self.failover:
-            return self.master.step(ids, pos, all_logits)
-        t0 = time.perf_counter()
-        try:
-            logits = self.master.step(ids, pos, all_logits)
-        except CommError as e:
-            self._recover(e, t0, pos)
-            logits = self.master.step(ids, pos, all_logits)
-        self._fed[pos:] = [int(i) for i in ids]
-        return logits
-
-    def heartbeat(self) -> None:
-        """Between requests: ping every worker; a lost one is recovered from now, not at the next step."""
-        if not self.failover:
-            return
-        t0 = time.perf_counter()
-        try:
-            self.master.heartbeat()
-        except CommError as e:
-            self._recover(e, t0, len(self._fed))
-
-    def grow(self) -> None:
-        """At a request boundary: devices waiting in the lobby (spares, devices that came back) join while
-        the group is smaller than --devices (a regroup with nothing lost; the history is replayed)."""
-        if self.lobby is not None and self.group.world_size < self.opts.devices and self.lobby.waiting():
-            self._recover(CommError("standby devices are waiting"), time.perf_counter(), len(self._fed))
-
-    def _suspects(self, err: CommError) -> dict[int, str]:
-        """The ranks a failed step names as lost (the probe finds any other)."""
-        if isinstance(err, ControlMessage) and err.message.get("op") == "peer_lost":
-            rank = err.message.get("rank")
-            return {rank: f"reported by a peer: {err.message.get('why')}"} if type(rank) is int else {}
-        if isinstance(err, PeerLost) and err.peer_rank:
-            return {err.peer_rank: f"disconnected: {err}"}
-        if isinstance(err, PeerTimeout) and err.peer_rank and not self.group.mesh:  # in a mesh the silent
-            return {err.peer_rank: f"silent: {err}"}  # one may be waiting on the lost one: probe instead
-        return {}
-
-    def _shrink(self, kept: list[int]) -> tuple[float, ...]:
-        """Ratios for the master + `kept` (current ranks; -1: a spare): as the user asked, over fewer devices."""
-        n = 1 + len(kept)
-        text = (self.opts.ratios or DEFAULT_PLACEMENT).strip()
-        if self.opts.shards or text == "equal":
-            return tuple(parse_ratios(None, n))
-        if text == "balanced":
-            return tuple(balanced_ratios(self.cfg, n, self.store.layout.private_layers))
-        mean = sum(self.ratios) / len(self.ratios)
-        return tuple([self.ratios[0]] + [self.ratios[r] if r >= 0 else mean for r in kept])
-
-    def _recover(self, err: CommError, t_start: float, pos: int) -> None:
-        """Regroup after `err` (again, if a device fails meanwhile), then replay positions 0..pos-1."""
-        world_before, lost_all, spares_used = self.group.world_size, {}, 0
-        for _ in range(self.group.world_size + self.opts.spares + 2):
-            lost = self._suspects(err)
-            t_detect = time.perf_counter()
-            self._step_times += self.master.step_times
-            self.master.close()
-            self._epoch += 1
-            standby = self.lobby.take() if self.lobby is not None else []
-            try:
-                new = regroup(self.group, lost, self._epoch, target_world=self.opts.devices, standby=standby,
-                              store=self.store, ratios=self.ratios, shrink=self._shrink, slices=self.slices,
-                              give_back=self.lobby.give_back)
-                self.group, self.store, self.ratios = new.group, new.store, new.ratios
-                self.member_of = {0: 0, **{r: self.member_of[old] if old is not None else mid
-                                           for r, (old, mid) in new.came_from.items()}}
-                self.master = Master(self.group, self.store, self._run_opts)
-                t_load = time.perf_counter()
-                if pos:
-                    self.master.step(np.asarray(self._fed[:pos], dtype=np.int64), 0)  # KV caches rebuilt
-            except CommError as e:  # another device failed during the recovery: start over without it
-                lost_all.update({r: why for r, why in lost.items()})
-                err = e
-                continue
-            except TpiError as e:  # no recovery possible: one line naming what was lost and why not
-                lost_all.update(lost)
-                names = ", ".join(f"rank {r} ({why})" for r, why in sorted(lost_all.items()))
-                raise TpiError(f"lost {names}; {e}") from None
-            lost_all.update(new.lost)
-            spares_used += new.spares_used
-            rec = Recovery(lost_all, world_before, self.group.world_size, spares_used, t_detect - t_start,
-                           new.probe_s, t_load - t_detect - new.probe_s, time.perf_counter() - t_load, pos)
-            self.recoveries.append(rec)
-            print(f"note: {rec.line()}", file=sys.stderr, flush=True)
-            return
-        raise TpiError(f"cannot recover: devices kept failing during the recovery ({err})")
-
-    def report(self) -> dict:
-        """The `tpi generate --json` fields of N devices: per rank and per token time splits."""
-        reports = self.master.finish()
-        return {
-            "devices": self.opts.devices, "allreduce": self.opts.allreduce,
-            "per_rank": [{"rank": r.rank, "peak_rss_bytes": r.peak_rss_bytes, "page_cache_bytes": r.page_cache_bytes,
-                          **r.time_split.to_json(), "window": r.window.to_json() if r.window is not None else {}}
-                         for r in reports],
-            "per_token": [s.to_json() for s in self._step_times + self.master.step_times],
-            "recoveries": [r.to_json() for r in self.recoveries],
-        }
-
-    def write_trace(self, path: str) -> None:
-        reports = self.master.reports or self.master.finish()
-        per_rank = {r.rank: r.trace for r in reports}
-        starts = [e.start_s for r in reports for e in r.trace]
-        write_trace(path, per_rank, min(starts) if starts else 0.0)
-
-    def close(self, failed: bool = False) -> None:
-        try:
-            if self.lobby is not None:  # standby devices: the session is over
-                for ch in self.lobby.take():
-                    try:
-                        ch.send_json(Kind.CONTROL, {"op": "stop"})
-                    except CommError:
-                        pass
-                    ch.close()
-                self.lobby.close()
-            if self.master is not None:
-                if not failed and not self.master.reports:
-                    try:
-                        self.master.finish()
-                    except TpiError:
-                        pass
-                self.master.close()
-        finally:
-            if self.group is not None:
-                self.group.close()
-            self.workers.close(grace_s=0.5 if failed else 5.0)
-
-
-# ------------------------------------------------------------------------------------------------
-# programmatic use (tests, benchmarks, the emulator)
-
-
-def run_local(world_size: int, prompt_ids: list[int], max_new_tokens: int, *, model: str | None = None,
-              shards: str | None = None, ratios: str | None = None, allreduce: str = "star",
-              window: int | None = None, retain_every: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
-              keep_logits: bool = False, sampling: Sampling | None = None, private_layers: int | None = None,
-              split_head: bool = False):
-    """Generate with `world_size` local processes; returns (Generation, session report)."""
-    opts = GenerateOptions(model=model, shards=shards, devices=world_size, ratios=ratios, allreduce=allreduce,
-                           timeout_s=timeout_s, window=window, retain_every=retain_every,
-                           private_layers=private_layers, split_head=split_head)
-    max_seq = len(prompt_ids) + max_new_tokens
-    with ParallelSession(opts) as s:
-        s.prepare(max_seq=max_seq)
-        gen = generate(s.step, prompt_ids, max_new_tokens, sampling or Sampling(), (), max_seq, keep_logits=keep_logits)
-        return gen, s.report()

@@ -3,7 +3,7 @@
 Layer: runtime. Owns `GenerateOptions` (what `tpi generate` asks for, built once by the CLI), turning
 them into a ready `Device` for world size 1 (`LocalSession`), choosing a weight source
 (`make_source`), and writing a Chrome/Perfetto trace. The tensor-parallel counterpart is
-tpicore.dist.tensor_parallel.ParallelSession, with the same interface: `open(opts)`, `cfg`, `store`,
+tpicore.dist.session.ParallelSession, with the same interface: `open(opts)`, `cfg`, `store`,
 `tokenizer_dir`, `prepare(max_seq)`, `step(ids, pos, all_logits)`, `report()`, `write_trace(path)`.
 Must not parse flags itself or print.
 """

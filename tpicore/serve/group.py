@@ -4,7 +4,7 @@ Layer: serve. Owns opening a session from GenerateOptions (the same options `tpi
 tokenizer, the context length the KV caches are sized for, each rank's cumulative time split (for the
 per-reply compute/comm/load split and /metrics), which ranks were lost when a step fails, the pids of
 local device processes, and closing it all. The sessions themselves (tpicore.runtime.session.LocalSession,
-tpicore.dist.tensor_parallel.ParallelSession) are used through their public API and left unchanged.
+tpicore.dist.session.ParallelSession) are used through their public API and left unchanged.
 Must not parse HTTP, sample tokens or keep conversation state (turn.py).
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tpicore.dist.failover import Recovery
-from tpicore.dist.tensor_parallel import ParallelSession
+from tpicore.dist.session import ParallelSession
 from tpicore.errors import TpiError
 from tpicore.runtime.report import TimeSplit
 from tpicore.runtime.session import GenerateOptions, LocalSession
