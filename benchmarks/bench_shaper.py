@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from emulator.config.run_config import load_run_config
-from emulator.config.topology import Machine, Link, Topology, make_topology
+from emulator.config.topology import Link, Machine, Topology, make_topology
 from emulator.net.clock import WallClock
 from emulator.net.kernel import unavailable
 from emulator.net.links import BURST_BYTES

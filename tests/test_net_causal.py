@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from emulator.config.run_config import load_run_config
-from emulator.config.topology import Machine, Link, make_topology
+from emulator.config.topology import Link, Machine, make_topology
 from emulator.net.clock import VirtualClock
 from emulator.net.links import BURST_BYTES, PACKET_BYTES
 from emulator.net.schedule import LinkSchedule

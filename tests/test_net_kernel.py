@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from emulator.config.topology import Machine, Link, Topology, make_topology
+from emulator.config.topology import Link, Machine, Topology, make_topology
 from emulator.net.clock import WallClock
 from emulator.net.kernel import KernelNetwork, namespaces, sweep_leftovers, unavailable
 from emulator.net.links import BURST_BYTES

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from emulator.config.topology import (
-    Machine,
     Link,
+    Machine,
     Topology,
     load_topology,
     make_topology,

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from emulator.config.topology import (
-    Machine,
     Link,
+    Machine,
     Topology,
     load_topology,
     make_topology,

@@ -85,7 +85,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from emulator.config.collective_model import PAPER_TAU, hops
-from emulator.config.topology import Machine, Link
+from emulator.config.topology import Link, Machine
 from emulator.results.privacy_record import PrivacyRecord
 from emulator.results.provenance import Provenance, utc_now
 from tpicore.errors import TpiError
