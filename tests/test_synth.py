@@ -120,8 +120,8 @@ def test_tiny_checkpoint_loads_in_transformers(tiny_dirs, name):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     d = tiny_dirs[name]
-    assert sorted(p.name for p in d.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                  "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["checksums.json", "config.json", "generation_config.json",
+                                                  "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     model, info = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     tok = transformers.AutoTokenizer.from_pretrained(str(d))

@@ -38,6 +38,7 @@ from tpicore.tools.synth.tokenizer import (
     tokenizer_style,
     vocab_layout,
 )
+from tpicore.weights.integrity import write_checksums
 from tpicore.weights.writer import (
     CHECKPOINT,
     Entry,
@@ -167,4 +168,5 @@ def write_checkpoint(config: dict, out_dir: str | Path, dtype: str = "f32", seed
                     weight_map.update({name: fname for name, _ in part})
                 write_json(str(tmp / "model.safetensors.index.json"),
                            {"metadata": {"total_size": weight_bytes}, "weight_map": weight_map})
+        write_checksums(folder)  # every tensor's CRC32: checked whenever the folder is loaded
     return Path(out_dir)
