@@ -3,6 +3,7 @@ window's loader charges dequantization on its virtual timeline."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from emulator.config.run_config import load_run_config
@@ -52,11 +53,12 @@ def test_model_path_takes_a_gguf(tmp_path):
 
 
 def test_window_charges_dequantization_on_the_loader_timeline(tmp_path):
+    """--dequantize-at-load: the loader dequantizes into float32 slabs, and that CPU is charged on its timeline."""
     path = str(write_synthetic_gguf(dict(CONFIG), tmp_path / "m.gguf", "q4_k")[0])
     store = TensorStore.from_model_dir(path)
     disk = DiskModel(read_mbps=8000.0)
     clock = VirtualClock(2.0)
-    src = WindowSource(store, 2, env=DeviceEnv(clock=clock, disk=disk))
+    src = WindowSource(store, 2, env=DeviceEnv(clock=clock, disk=disk), dequantize_at_load=True)
     dev = Device(store, src, 12, clock=clock)
     try:
         generate(dev.step, [1, 2, 3], 3, max_seq=12)
@@ -65,5 +67,23 @@ def test_window_charges_dequantization_on_the_loader_timeline(tmp_path):
         charged = t.load_s - disk.floor_s(t.loaded_bytes)  # on top of the modelled disk: dequantization CPU / speed
         # (the loader may have dequantized a block ahead that is not booked yet)
         assert 0.5 * src.reader.dequant_cpu_s / 2.0 < charged <= src.reader.dequant_cpu_s / 2.0 + 1e-9
+    finally:
+        dev.close()
+
+
+def test_kept_quantized_window_reads_blocks_and_dequantizes_on_the_compute_thread(tmp_path):
+    """The default: slabs hold the stored blocks (a fraction of float32), the loader only reads, and the fused
+    kernels' time is compute on the device's clock."""
+    path = str(write_synthetic_gguf(dict(CONFIG), tmp_path / "m.gguf", "q4_k")[0])
+    store = TensorStore.from_model_dir(path)
+    disk = DiskModel(read_mbps=8000.0)
+    clock = VirtualClock(2.0)
+    src = WindowSource(store, 2, env=DeviceEnv(clock=clock, disk=disk))
+    dev = Device(store, src, 12, clock=clock)
+    try:
+        generate(dev.step, [1, 2, 3], 3, max_seq=12)
+        assert src.reader.dequant_cpu_s == 0 and dev.timers.compute_s > 0
+        f32_elems = max(sum(int(np.prod(r.shape)) for r in plan.reads) for plan in src.plans.values())
+        assert 0 < dev.timers.window.slab_bytes < 4 * f32_elems  # two slabs of blocks fit in one block's float32
     finally:
         dev.close()

@@ -39,11 +39,12 @@ def test_chunked_gemv_equals_dequantize_then_gemv(tag, T):
 def run(path: str, source: str):
     store = TensorStore.from_model_dir(path)
     src = {"fused": lambda: ResidentSource(store), "at_load": lambda: ResidentSource(store, True),
-           "window": lambda: make_source(store, 2)}[source]()
+           "window": lambda: make_source(store, 2),
+           "window_at_load": lambda: make_source(store, 2, dequantize_at_load=True)}[source]()
     dev = Device(store, src, len(PROMPT) + NEW)
     try:
         gen = generate(dev.step, PROMPT, NEW, max_seq=len(PROMPT) + NEW, keep_logits=True)
-        held = sum(w.nbytes for block in src.cache.values() for w in block.values()) if source != "window" else 0
+        held = sum(w.nbytes for block in src.cache.values() for w in block.values()) if "window" not in source else 0
         return gen, held
     finally:
         dev.close()
@@ -54,8 +55,10 @@ def test_resident_kept_quantized_matches_dequantize_at_load(tmp_path, dtype):
     path = str(write_synthetic_gguf(dict(CONFIG), tmp_path / "m.gguf", dtype)[0])
     fused, fused_bytes = run(path, "fused")
     at_load, f32_bytes = run(path, "at_load")
-    window, _ = run(path, "window")
-    assert fused.tokens == at_load.tokens == window.tokens
+    window, _ = run(path, "window")  # kept quantized in the slabs: the resident path's fused kernels
+    window_at_load, _ = run(path, "window_at_load")  # dequantized by the loader into float32 slabs
+    assert fused.tokens == at_load.tokens == window.tokens == window_at_load.tokens
     assert np.abs(np.stack(fused.logits) - np.stack(at_load.logits)).max() <= 1e-4
-    assert np.array_equal(np.stack(at_load.logits), np.stack(window.logits))
+    assert np.array_equal(np.stack(at_load.logits), np.stack(window_at_load.logits))
+    assert np.array_equal(np.stack(fused.logits), np.stack(window.logits))
     assert fused_bytes < f32_bytes / 3  # 8.5 or 4.5 bits per weight instead of 32

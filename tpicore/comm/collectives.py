@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tpicore.comm.channel import Spin, spin_budget_s
 from tpicore.comm.duplex import exchange
 from tpicore.comm.frame import Kind, contiguous
 from tpicore.comm.group import Group
@@ -79,16 +80,26 @@ def broadcast(group: Group, x: np.ndarray | None = None, root: int = 0, out: np.
         raise
 
 
-class Collective:
-    """`allreduce` bound to a group and an algorithm: pass an instance as the model's `allreduce`."""
+def set_spin(group: Group, spin_s: float) -> None:
+    """Let every receive of this rank poll for `spin_s` before blocking (0: block at once)."""
+    for ch in group.channels.values():
+        ch.spin = Spin(spin_s)
 
-    def __init__(self, group: Group, algo: str = "star") -> None:
+
+class Collective:
+    """`allreduce` bound to a group and an algorithm: pass an instance as the model's `allreduce`.
+
+    Its receives spin briefly before blocking (channel.spin_budget_s) unless the group has more ranks
+    than this host has cores; `spin=False` never spins."""
+
+    def __init__(self, group: Group, algo: str = "star", spin: bool = True) -> None:
         if algo not in ALGOS:
             raise TpiError(f"unknown allreduce algorithm {algo!r}; expected one of {', '.join(ALGOS)}")
         if algo != "star" and group.world_size > 2 and not group.mesh:
             raise TpiError(f"{algo} allreduce needs worker-to-worker links: build the group with mesh=True")
         self.group = group
         self.algo = algo
+        set_spin(group, spin_budget_s(group.world_size) if spin else 0.0)
 
     def __repr__(self) -> str:
         return f"Collective({self.algo}, rank {self.group.rank} of {self.group.world_size})"

@@ -9,10 +9,16 @@ Dimension legend:
   T tokens in this step, S = pos + T cached positions, D hidden, V vocab, F FFN size, Dh head dim,
   H query heads, Hkv KV heads; on a device: Hl query heads, Hkvl KV heads, Fl FFN columns.
 Weight layout is HF's (out, in), so checkpoints load without permutation.
+
+One-token decode steps given a `DecodeScratch` (the Device passes one) take a lean path: every activation
+lands in a preallocated buffer (`out=`), the norm's scalar arithmetic runs on one float32 scalar, and the
+views the step needs are built once per shape. It performs the same float32 operations on the same
+operands in the same order as the general path, so the two give the same bits (tests/test_lean_decode.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -34,13 +40,21 @@ class Rope:
     def __init__(self) -> None:
         self._key: tuple[ModelConfig, int, int] | None = None
         self._tables: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.float32), np.empty(0, np.float32))
+        self._row = self._tables
 
     def at(self, cfg: ModelConfig, pos: int, T: int) -> tuple[np.ndarray, np.ndarray]:
         """rope_cos_sin(cfg, pos, T), reused while (pos, T) stays the same."""
         key = self._key
         if key is None or key[0] is not cfg or key[1] != pos or key[2] != T:
             self._tables, self._key = rope_cos_sin(cfg, pos, T), (cfg, pos, T)
+            cos, sin = self._tables
+            self._row = (cos[0], sin[0].reshape(2, cos.shape[1] // 2))
         return self._tables
+
+    def row(self, cfg: ModelConfig, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """One position's tables as the decode path broadcasts them: cos [Dh], signed sin [2, Dh/2]."""
+        self.at(cfg, pos, 1)
+        return self._row
 
 
 class KVCache:
@@ -48,8 +62,9 @@ class KVCache:
     `rope`: a Rope shared by the device's layers (default: this cache's own)."""
 
     def __init__(self, n_kv_heads: int, max_seq: int, head_dim: int, rope: Rope | None = None) -> None:
-        self.k = np.zeros((n_kv_heads, max_seq, head_dim), dtype=np.float32)
-        self.v = np.zeros((n_kv_heads, max_seq, head_dim), dtype=np.float32)
+        self.kv = np.zeros((2, n_kv_heads, max_seq, head_dim), dtype=np.float32)  # keys | values: one write a step
+        self.k, self.v = self.kv[0], self.kv[1]  # views: [Hkvl, S_max, Dh] each, C-contiguous
+        self.k_t = self.k.transpose(0, 2, 1)  # a view: [Hkvl, Dh, S_max], the scores' right operand
         self.rope = rope if rope is not None else Rope()
 
     @property
@@ -117,10 +132,11 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    """In place over the last axis (x is a scratch array): exp(x - max) / sum."""
-    x -= x.max(axis=-1, keepdims=True)
+    """In place over the last axis (x is a scratch array): exp(x - max) / sum. The ufuncs' reduce is what
+    x.max / x.sum call, without their Python layers."""
+    x -= np.maximum.reduce(x, axis=-1, keepdims=True)
     np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
+    x /= np.add.reduce(x, axis=-1, keepdims=True)
     return x
 
 
@@ -172,19 +188,152 @@ def mlp(x: np.ndarray, w: Weights) -> np.ndarray:
     return linear(act, w["mlp.down_proj.weight"])  # [T, Fl] -> [T, D] (partial sum)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The lean one-token path (T = 1): the general path's operations, into preallocated buffers
+
+
+class _AttnViews:
+    """One attention shape's buffer and views: q | k | v of one token, RoPE's rotated halves."""
+
+    def __init__(self, nq: int, nkv: int, Dh: int) -> None:
+        Hl, Hkvl = nq // Dh, nkv // Dh
+        self.qkv = np.empty(nq + 2 * nkv, dtype=np.float32)  # [(Hl + 2 Hkvl) Dh]: q | k | v
+        self.q, self.k, self.v = self.qkv[:nq], self.qkv[nq:nq + nkv], self.qkv[nq + nkv:]
+        self.qk = self.qkv[:nq + nkv].reshape(Hl + Hkvl, Dh)  # q and k heads: [Hl+Hkvl, Dh]
+        self.swapped = self.qk.reshape(Hl + Hkvl, 2, Dh // 2)[:, ::-1]  # a view: halves (x2, x1)
+        self.rot = np.empty((Hl + Hkvl, 2, Dh // 2), dtype=np.float32)  # [Hl+Hkvl, 2, Dh/2]
+        self.rot_heads = self.rot.reshape(Hl + Hkvl, Dh)  # -> [Hl+Hkvl, Dh]
+        self.q_groups = self.q.reshape(Hkvl, Hl // Hkvl, Dh)  # [Hl*Dh] -> [Hkvl, g, Dh]
+        self.kv_heads = self.qkv[nq:].reshape(2, Hkvl, Dh)  # k | v: [2, Hkvl, Dh], as KVCache.kv holds them
+
+
+class _FfnViews:
+    """One FFN shape's buffers: gate, up and the SiLU-gated activation of one token, [Fl] each."""
+
+    def __init__(self, n_ffn: int) -> None:
+        self.gate, self.up, self.act = (np.empty(n_ffn, dtype=np.float32) for _ in range(3))
+
+
+class DecodeScratch:
+    """A device's preallocated buffers for one-token steps, shared by its layers (they run one at a time).
+
+    Two hidden-state buffers [1, D] take turns as block outputs (a block never writes the x it reads), so
+    a block's output stays valid until the next block after it: copy what must outlive the step.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        self.hidden = (np.empty((1, hidden_size), dtype=np.float32), np.empty((1, hidden_size), dtype=np.float32))
+        self.normed = np.empty(hidden_size, dtype=np.float32)  # [D]: a norm's output
+        self.size = np.float32(hidden_size)  # the norm's divisor, as rms_norm casts it
+        self.squares = np.empty(hidden_size, dtype=np.float32)  # [D]: the norm's x * x
+        self._attn: dict[tuple[int, int, int], _AttnViews] = {}
+        self._ffn: dict[int, _FfnViews] = {}
+
+    def output_for(self, x: np.ndarray) -> np.ndarray:
+        """The hidden buffer that is not `x`: [1, D]."""
+        a, b = self.hidden
+        return b if x is a else a
+
+    def attn(self, nq: int, nkv: int, Dh: int) -> _AttnViews:
+        v = self._attn.get((nq, nkv, Dh))
+        if v is None:
+            v = self._attn[(nq, nkv, Dh)] = _AttnViews(nq, nkv, Dh)
+        return v
+
+    def ffn(self, n_ffn: int) -> _FfnViews:
+        v = self._ffn.get(n_ffn)
+        if v is None:
+            v = self._ffn[n_ffn] = _FfnViews(n_ffn)
+        return v
+
+
+def _gemv(w: np.ndarray, x: np.ndarray, out: np.ndarray, b: np.ndarray | None = None) -> None:
+    """out = w @ x (+ b): [out, in] @ [in] -> [out], in place (linear()'s one-row call, so its bits)."""
+    if isinstance(w, np.ndarray):
+        np.matmul(w, x, out=out)
+    else:  # a packed weight (tpicore.weights.packed.QuantMatrix): its own GEMV
+        out[...] = w.linear(x[None, :])[0]  # [1, in] -> [1, out] -> [out]
+    if b is not None:
+        out += b
+
+
+def rms_norm_row(x: np.ndarray, w: np.ndarray, eps: float, s: DecodeScratch) -> np.ndarray:
+    """rms_norm of one row x [D] (D: the scratch's hidden size) into s.normed [D]: the same float32 sum,
+    then scalar float32 arithmetic (the root in double, rounded once: the correctly rounded float32 root,
+    as np.sqrt gives)."""
+    sq = np.multiply(x, x, out=s.squares)
+    var = np.add.reduce(sq) / s.size + np.float32(eps)  # float32 scalars
+    y = np.divide(x, np.float32(math.sqrt(var)), out=s.normed)
+    y *= w
+    return y
+
+
+def attention_row(x: np.ndarray, w: Weights, cfg: ModelConfig, kv: KVCache, pos: int, s: DecodeScratch,
+                  out: np.ndarray) -> np.ndarray:
+    """attention() for one token, x [D] (normed) -> its partial o_proj output in `out` [D]."""
+    Dh = cfg.head_dim
+    wq, wk, wv = w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]
+    b = s.attn(wq.shape[0], wk.shape[0], Dh)
+    _gemv(wq, x, b.q, w.get("self_attn.q_proj.bias"))  # [D] -> [Hl*Dh]
+    _gemv(wk, x, b.k, w.get("self_attn.k_proj.bias"))  # [D] -> [Hkvl*Dh]
+    _gemv(wv, x, b.v, w.get("self_attn.v_proj.bias"))  # [D] -> [Hkvl*Dh]
+    cos, sin = kv.rope.row(cfg, pos)  # [Dh], [2, Dh/2]
+    np.multiply(b.swapped, sin, out=b.rot)  # rotate_half(q|k) * sin: [Hl+Hkvl, 2, Dh/2]
+    b.qk *= cos
+    b.qk += b.rot_heads  # RoPE on q and k, in place: [Hl+Hkvl, Dh]
+    kv.kv[:, :, pos] = b.kv_heads  # keys and values of this position: [2, Hkvl, Dh]
+    S = pos + 1
+    scores = np.matmul(b.q_groups, kv.k_t[:, :, :S])  # [Hkvl, g, Dh] @ [Hkvl, Dh, S] -> [Hkvl, g, S]
+    scores *= np.float32(Dh ** -0.5)
+    probs = softmax(scores)  # [Hkvl, g, S]
+    heads = np.matmul(probs, kv.v[:, :S])  # [Hkvl, g, S] @ [Hkvl, S, Dh] -> [Hkvl, g, Dh]
+    _gemv(w["self_attn.o_proj.weight"], heads.reshape(-1), out)  # [Hl*Dh] -> [D] (partial sum)
+    return out
+
+
+def mlp_row(x: np.ndarray, w: Weights, s: DecodeScratch, out: np.ndarray) -> np.ndarray:
+    """mlp() for one token, x [D] (normed) -> its partial down_proj output in `out` [D]."""
+    wg = w["mlp.gate_proj.weight"]
+    b = s.ffn(wg.shape[0])
+    _gemv(wg, x, b.gate, w.get("mlp.gate_proj.bias"))  # [D] -> [Fl]
+    _gemv(w["mlp.up_proj.weight"], x, b.up, w.get("mlp.up_proj.bias"))  # [D] -> [Fl]
+    act = np.negative(b.gate, out=b.act)  # silu(gate) * up, as mlp(): [Fl]
+    np.exp(act, out=act)
+    act += 1.0
+    np.divide(b.gate, act, out=act)
+    act *= b.up
+    _gemv(w["mlp.down_proj.weight"], act, out)  # [Fl] -> [D] (partial sum)
+    return out
+
+
 def attn_block(x: np.ndarray, w: Weights, cfg: ModelConfig, kv: KVCache, pos: int,
-               allreduce: AllReduce) -> np.ndarray:
-    """The paper's Attn_l block: x + allreduce(attention(norm(x))) (+ o_proj bias once, after the sum)."""
-    h = allreduce(attention(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w, cfg, kv, pos))
+               allreduce: AllReduce, scratch: DecodeScratch | None = None) -> np.ndarray:
+    """The paper's Attn_l block: x + allreduce(attention(norm(x))) (+ o_proj bias once, after the sum).
+    With `scratch` and one token, the lean path: the result is one of scratch's hidden buffers."""
+    if scratch is not None and x.shape[0] == 1:
+        h = scratch.output_for(x)  # [1, D]
+        attention_row(rms_norm_row(x[0], w["input_layernorm.weight"], cfg.rms_norm_eps, scratch), w, cfg, kv, pos,
+                      scratch, h[0])
+        h = allreduce(h)
+    else:
+        h = allreduce(attention(rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps), w, cfg, kv, pos))
     if "self_attn.o_proj.bias" in w:
         h += w["self_attn.o_proj.bias"]
     h += x  # x + h, into the allreduce's buffer
     return h
 
 
-def ffn_block(x: np.ndarray, w: Weights, cfg: ModelConfig, allreduce: AllReduce) -> np.ndarray:
-    """The paper's FFN_l block: x + allreduce(mlp(norm(x))) (+ down_proj bias once, after the sum)."""
-    h = allreduce(mlp(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w))
+def ffn_block(x: np.ndarray, w: Weights, cfg: ModelConfig, allreduce: AllReduce,
+              scratch: DecodeScratch | None = None) -> np.ndarray:
+    """The paper's FFN_l block: x + allreduce(mlp(norm(x))) (+ down_proj bias once, after the sum).
+    With `scratch` and one token, the lean path: the result is one of scratch's hidden buffers."""
+    if scratch is not None and x.shape[0] == 1:
+        h = scratch.output_for(x)  # [1, D]
+        mlp_row(rms_norm_row(x[0], w["post_attention_layernorm.weight"], cfg.rms_norm_eps, scratch), w, scratch,
+                h[0])
+        h = allreduce(h)
+    else:
+        h = allreduce(mlp(rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), w))
     if "mlp.down_proj.bias" in w:
         h += w["mlp.down_proj.bias"]
     h += x  # x + h, into the allreduce's buffer

@@ -11,6 +11,7 @@ in. Must not open sockets or spawn processes.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -18,13 +19,13 @@ import numpy as np
 
 from tpicore.errors import TpiError
 from tpicore.model import llama as M
+from tpicore.model.cost import NO_WORK, Work, block_work
 from tpicore.model.split import Block
-from tpicore.runtime.env import Clock, WallClock
+from tpicore.runtime.env import Clock, DeviceEnv, WallClock, reduction_work
 from tpicore.runtime.memory import memory_report
 from tpicore.runtime.report import RankReport, TimeSplit, TraceEvent
 from tpicore.runtime.window_stats import WindowStats
-from tpicore.weights.packed import load_resident
-from tpicore.weights.reader import BlockReader
+from tpicore.weights.reader import BlockReader, load_resident
 from tpicore.weights.store import TensorStore, head_row_ranges
 
 
@@ -81,24 +82,46 @@ class BlockSource(Protocol):
 
 
 class ResidentSource:
-    """Every block stays in memory after first use (no scheduler); the page cache is left alone."""
+    """Every block stays in memory after first use (no scheduler); the page cache is left alone.
+
+    env: the device's clock and disk. The first touch of each block (its stored bytes, whether read or
+    faulted in through a memory map) and of each embedding row is charged through the disk model and
+    booked as load time and bytes (not as `loads`, which count window / on-demand reads); later uses read
+    nothing."""
 
     streams_head = False
 
-    def __init__(self, store: TensorStore, dequantize_at_load: bool = False) -> None:
+    def __init__(self, store: TensorStore, dequantize_at_load: bool = False, env: DeviceEnv | None = None) -> None:
         self.store = store
         self.cache: dict[Block, dict[str, np.ndarray]] = {}
         self.reader = BlockReader(drop_cache=False)
         self.dequantize_at_load = dequantize_at_load  # ggml weights: float32 at load, else kept quantized
+        self.env = env or DeviceEnv()
+        self.timers = Timers()
+        self._rows_seen: set[int] = set()  # embedding rows read once (then in the page cache)
 
     def attach(self, timers: Timers) -> None:
-        pass  # nothing is loaded from disk after the first use: no loads to book
+        self.timers = timers  # first touches only: nothing is loaded from disk after the first use
 
     def acquire(self, block: Block) -> dict[str, np.ndarray]:
         w = self.cache.get(block)
         if w is None:
+            t0, w0 = self.env.clock.now(), time.perf_counter()
             w = self.cache[block] = {leaf: self._load(name) for leaf, name in self.store.leaves(block).items()}
+            if w:
+                self._first_touch(self.store.block_nbytes(block), t0, w0)
         return w
+
+    def _first_touch(self, nbytes: int, t0: float, w0: float) -> None:
+        """Charge a first read of `nbytes` begun at clock time t0 (perf_counter w0) and book it as a load."""
+        clock, disk, t = self.env.clock, self.env.disk, self.timers
+        measured = time.perf_counter() - w0
+        if clock.virtual:
+            clock.advance(disk.charge_s(nbytes, measured))
+        elif disk.modelled:  # a slow modelled disk on a wall clock: really wait the rest
+            clock.advance(max(0.0, disk.floor_s(nbytes) - measured))
+        t.load_s += clock.now() - t0
+        t.loaded_bytes += nbytes  # not counted in `loads` (window / on-demand block reads)
 
     def _load(self, name: str) -> np.ndarray:
         """A weight: ggml blocks stay quantized (weights.packed.QuantMatrix), the rest float32."""
@@ -109,7 +132,14 @@ class ResidentSource:
         pass
 
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
-        return self.store.embed_rows(ids, self.reader)
+        t0, w0 = self.env.clock.now(), time.perf_counter()
+        rows = self.store.embed_rows(ids, self.reader)  # [T] -> [T, D]
+        new = {int(i) for i in ids} - self._rows_seen
+        if new:
+            self._rows_seen |= new
+            table = self.store.ckpt.info("model.embed_tokens.weight")
+            self._first_touch(len(new) * (table.nbytes // table.shape[0]), t0, w0)
+        return rows
 
     def close(self) -> None:
         self.cache.clear()
@@ -138,13 +168,19 @@ class Device:
         rope = M.Rope()  # one step's RoPE tables, shared by every layer
         self.caches = {layer: M.KVCache(layout.at(layer, self.cfg).n_kv_heads, max_seq, self.cfg.head_dim, rope)
                        for layer in self.layer_ids}
+        self.scratch = M.DecodeScratch(self.cfg.hidden_size)  # one-token steps' buffers (model.llama's lean path)
+        self._head_ranges: list[tuple[int, int]] | None = None  # head_row_ranges, fixed by the store
+        self._head_slices: tuple[np.ndarray, list[np.ndarray]] | None = None  # (resident table, its chunks)
 
     def allreduce(self, x: np.ndarray) -> np.ndarray:
-        """The collective, with its time booked as communication rather than compute."""
+        """The collective, with its time booked as communication rather than compute. The CPU it takes
+        (the adds, the transport's copies) is charged on the clock after it (Clock.cost_s)."""
         clock, t = self.clock, self.timers
         clock.end_compute()
-        t0 = clock.now()
+        t0, cpu0 = clock.now(), time.thread_time() if clock.virtual else 0.0
         y = self._allreduce(x)
+        if clock.virtual:  # a wall clock's cost_s is 0: the adds took their real time already
+            clock.advance(clock.cost_s(time.thread_time() - cpu0, reduction_work(self._allreduce, x.size)))
         dt = clock.now() - t0
         t.comm_s += dt
         if t.trace:
@@ -152,12 +188,21 @@ class Device:
         clock.begin_compute()
         return y
 
-    def _run(self, block: Block, fn: Callable[[dict[str, np.ndarray]], np.ndarray]) -> np.ndarray:
+    def work(self, block: Block, tokens: int, context: int, rows: int | None = None) -> Work:
+        """What `block` costs for `tokens` tokens with `context` cached positions after them (tpicore.model.cost).
+        NO_WORK on a wall clock, which charges no model (and the hot path skips the arithmetic)."""
+        if not self.clock.virtual:
+            return NO_WORK
+        kind, layer = block
+        layout = self.store.layout.at(layer, self.cfg) if kind in ("attn", "ffn") else self.store.layout
+        return block_work(self.cfg, layout, kind, tokens, context, rows) if layout is not None else NO_WORK
+
+    def _run(self, block: Block, fn: Callable[[dict[str, np.ndarray]], np.ndarray], work: Work = NO_WORK) -> np.ndarray:
         clock, t = self.clock, self.timers
         w = self.source.acquire(block)
         comm_before = t.comm_s
         t0 = clock.now()
-        clock.begin_compute()
+        clock.begin_compute(work)
         y = fn(w)
         clock.end_compute()
         dt = clock.now() - t0
@@ -172,22 +217,26 @@ class Device:
         `layer_ids` of them. A private layer (Layout.private) runs here alone, with the identity allreduce."""
         if pos + x.shape[0] > self.max_seq:
             raise TpiError(f"context: {pos + x.shape[0]} positions exceed the maximum of {self.max_seq}")
-        cfg, layout = self.cfg, self.store.layout
+        cfg, layout, x_in = self.cfg, self.store.layout, x
+        scratch = self.scratch if x.shape[0] == 1 else None  # one token: the lean path, into scratch buffers
         for layer in self.layer_ids if layer_ids is None else layer_ids:
             kv = self.caches[layer]
             ar = M.identity if layout.private(layer) or self._allreduce is M.identity else self.allreduce
-            x = self._run(("attn", layer), lambda w: M.attn_block(x, w, cfg, kv, pos, ar))
-            x = self._run(("ffn", layer), lambda w: M.ffn_block(x, w, cfg, ar))
-        return x
+            T = x.shape[0]
+            x = self._run(("attn", layer), lambda w: M.attn_block(x, w, cfg, kv, pos, ar, scratch),
+                          self.work(("attn", layer), T, pos + T))
+            x = self._run(("ffn", layer), lambda w: M.ffn_block(x, w, cfg, ar, scratch),
+                          self.work(("ffn", layer), T, pos + T))
+        return x.copy() if scratch is not None and x is not x_in else x  # scratch is reused by the next step
 
     # master only -------------------------------------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
         self.source.acquire(("pre", -1))
-        t0 = self.clock.now()
-        self.clock.begin_compute()
+        t0, load0 = self.clock.now(), self.timers.load_s
+        self.clock.begin_compute(self.work(("pre", -1), len(ids), 0))
         x = self.source.embed_rows(ids)  # [T] -> [T, D]: only these rows of the table are read
         self.clock.end_compute()
-        self.timers.compute_s += self.clock.now() - t0
+        self.timers.compute_s += self.clock.now() - t0 - (self.timers.load_s - load0)  # the rows' read is a load
         self.source.release(("pre", -1))
         return x
 
@@ -199,7 +248,9 @@ class Device:
         ranges are sliced from it. Both paths run the same norm and the same `linear` per chunk, so
         their logits are bit-identical.
         """
-        ranges = head_row_ranges(self.store)
+        if self._head_ranges is None:
+            self._head_ranges = head_row_ranges(self.store)
+        ranges = self._head_ranges
         out = np.empty((x.shape[0], self.cfg.vocab_size), dtype=np.float32)  # [T, V]
         normed: list[np.ndarray] = []
 
@@ -209,12 +260,22 @@ class Device:
             M.linear(normed[0], rows, out=out[:, lo:hi])  # [T, D] @ [hi-lo, D].T -> [T, hi-lo], in place
             return out
 
+        T = x.shape[0]
         if self.source.streams_head:
             for c, (lo, hi) in enumerate(ranges):
-                self._run(("post", c), lambda w: chunk(w, lo, hi, w["lm_head"]))
+                self._run(("post", c), lambda w: chunk(w, lo, hi, w["lm_head"]), self.work(("post", c), T, 0, hi - lo))
         else:
-            self._run(("post", -1), lambda w: [chunk(w, lo, hi, w["lm_head"][lo:hi]) for lo, hi in ranges][-1])
+            self._run(("post", -1), lambda w: [chunk(w, lo, hi, rows) for (lo, hi), rows in
+                                               zip(ranges, self._head_rows(w["lm_head"], ranges))][-1],
+                      self.work(("post", -1), T, 0))
         return out
+
+    def _head_rows(self, table: np.ndarray, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        """The resident head's chunk views [hi-lo, D], sliced once per table (not once per step)."""
+        cached = self._head_slices
+        if cached is None or cached[0] is not table:
+            cached = self._head_slices = (table, [table[lo:hi] for lo, hi in ranges])
+        return cached[1]
 
     def step(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
         """Single-device forward: ids [T] -> logits [T, V] (or [1, V] for the last position)."""

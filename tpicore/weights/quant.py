@@ -1,6 +1,6 @@
 """GGUF/ggml tensor types: block sizes, byte counts, and dequantization to float32.
 
-Layer: weights (imports tpicore.errors and the `gguf` package only). Owns the table of the ggml types we
+Layer: weights (imports tpicore.errors, tpicore.weights.kernels and the `gguf` package only). Owns the table of the ggml types we
 read (F32, F16, BF16 and the block-quantized Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and the one
 function that turns stored blocks into float32. Must not read files, know tensor names or do math beyond
 dequantization.
@@ -8,8 +8,9 @@ dequantization.
 A block-quantized 2-D tensor [rows, cols] is stored as rows of whole blocks: `cols / block_elems` blocks of
 `block_bytes` each per row, so a row range is a contiguous byte range and a row is never split across
 blocks. Dequantization is `gguf.quants.dequantize` (the format's maintained NumPy reference, the same code
-transformers' GGUF loader uses), or for the common types our kernels, bit-equal to it and faster; either
-way our float32 weights are exactly transformers'. Also here: llama.cpp's q/k row order (a row gather).
+transformers' GGUF loader uses), or for the common types our kernels, bit-equal to it and faster: the
+compiled ones of tpicore.weights.kernels by default, the NumPy ones below as the readable reference
+(`reference=True`); either way our float32 weights are exactly transformers'. Also here: llama.cpp's q/k row order (a row gather).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize as gguf_dequantize
 
 from tpicore.errors import TpiError
+from tpicore.weights import kernels
 
 
 @dataclass(frozen=True)
@@ -109,14 +111,15 @@ def covering_blocks(dtype: str, start: int, stop: int) -> tuple[int, int]:
     return start // n, -(-stop // n)
 
 
-def dequantize(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+def dequantize(raw: np.ndarray, dtype: str, out: np.ndarray | None = None, reference: bool = False) -> np.ndarray:
     """Stored blocks -> float32: raw uint8 [..., row_bytes] -> [..., cols] (into `out` if given).
 
-    Q8_0, Q4_0, Q4_K and Q6_K use our kernels below, the rest `gguf.quants.dequantize`. Ours do the same
-    float32 operations in the same order, so they are bit-equal to gguf's (tests/test_gguf.py checks on
-    random blocks), and write straight into `out` without gguf's 16-row regrouping and copies. On a
-    2048 x 4096 tensor (dev box, best of 3): Q8_0 167 -> 66 ms, Q4_0 162 -> 87, Q4_K 227 -> 121,
-    Q6_K 159 -> 108; the window's loader dequantizes every block it reads, so this is its bottleneck.
+    Q8_0, Q4_0, Q4_K, Q5_K and Q6_K use the compiled kernels (tpicore.weights.kernels.dequant), or with
+    `reference` our NumPy kernels below (Q8_0, Q4_0, Q4_K, Q6_K); the rest `gguf.quants.dequantize`. All do
+    the same float32 operations in the same order, so they are bit-equal to gguf's (tests/test_gguf.py and
+    tests/test_quant_kernels.py check on random blocks), and write straight into `out` without gguf's
+    16-row regrouping and copies. On a 3584 x 8192 tensor (dev box, one thread, best of 3, ms):
+    Q8_0 gguf 167 / NumPy 48-63 / compiled 18, Q4_K 227 / 114-127 / 16, Q6_K 159 / 151 / 35-42.
     """
     t = GGML_TYPES[dtype]
     raw = np.ascontiguousarray(raw).view(np.uint8)
@@ -124,8 +127,9 @@ def dequantize(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np
         raise TpiError(f"{dtype}: a row of {raw.shape[-1]} bytes is not a whole number of "
                        f"{t.block_bytes}-byte blocks")
     shape = raw.shape[:-1] + (raw.shape[-1] // t.block_bytes * t.block_elems,)
-    kernel = KERNELS.get(dtype)
-    if kernel is None:
+    compiled = not reference and dtype in kernels.DEQUANT_TAGS
+    kernel = KERNELS.get(dtype) if reference else None
+    if kernel is None and not compiled:
         values = gguf_dequantize(raw, t.ggml)  # [..., row_bytes] -> [..., cols] float32
         if out is None:
             return values
@@ -136,7 +140,10 @@ def dequantize(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np
     else:
         dst = out
     blocks = raw.reshape(-1, t.block_bytes)  # [n_blocks, block_bytes]
-    kernel(blocks, dst.reshape(blocks.shape[0], t.block_elems))  # -> [n_blocks, block_elems]
+    if compiled:
+        kernels.dequant(dtype, blocks, dst.reshape(blocks.shape[0], t.block_elems))  # -> [n_blocks, block_elems]
+    else:
+        kernel(blocks, dst.reshape(blocks.shape[0], t.block_elems))  # -> [n_blocks, block_elems]
     if out is not None and dst is not out:
         out[...] = dst
     return dst
