@@ -106,6 +106,20 @@ def test_lost_worker_recovers_with_reference_tokens(model, n, when, how):
     assert children_alive(pids) == []  # every process reaped, the stopped one too
 
 
+def test_loss_between_requests(model):
+    """A device killed while the group is idle: the heartbeat (tpi serve pings while idle) finds it, and the
+    next request runs on the survivors with the reference tokens."""
+    opts = GenerateOptions(model=model, devices=4, timeout_s=TIMEOUT_S)
+    with ParallelSession(opts) as s:
+        s.prepare(max_seq=64)
+        first = generate(s.step, PROMPT, NEW, Sampling(), (), 64)
+        strike(s, 3, "kill")
+        s.heartbeat()
+        assert s.group.world_size == 3 and list(s.recoveries[0].lost) == [3]
+        again = generate(s.step, PROMPT, NEW, Sampling(), (), 64)
+    assert first.tokens == reference(model, 4) and again.tokens == reference(model, 3)
+
+
 def test_ring_kill_is_reported_by_the_peer(model):
     gen, report, world, _ = run_with_faults(model, 4, {3: (2, "kill")}, allreduce="ring")
     assert world == 3 and gen.tokens == reference(model, 3, allreduce="ring")
@@ -215,7 +229,8 @@ def test_listen_shards_only_cannot_recover(model, remote):
     port = free_port()
     addr = f"127.0.0.1:{port}"
     w = {r: worker(addr, "--rank", str(r), "--shards", str(shards / f"rank-{r}")) for r in (1, 2)}
-    opts = GenerateOptions(shards=str(shards), devices=3, listen=addr, secret_file=str(secret), timeout_s=LISTEN_TIMEOUT_S)
+    opts = GenerateOptions(shards=str(shards), devices=3, listen=addr, secret_file=str(secret),
+                           timeout_s=LISTEN_TIMEOUT_S)
     with pytest.raises(TpiError, match=r"lost rank 1 .*cannot recover") as info:
         with ParallelSession(opts) as s:
             s.prepare(max_seq=64)

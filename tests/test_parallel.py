@@ -140,7 +140,7 @@ def _recording_worker(rank, addr, shard_dir, secret, timeout_s, blas, model, log
     handshake.recv_frame, Channel.header_in, Channel.body_in = recv_frame, header_in, body_in
     from tpicore.dist import session as parallel
 
-    parallel._local_worker_main(rank, addr, shard_dir, secret, timeout_s, blas)
+    parallel.local_worker_main(rank, addr, shard_dir, secret, timeout_s, blas)
 
 
 def frames_per_socket(path):

@@ -75,8 +75,10 @@ class _Pump:
                 ready = poller.poll(timeout_ms)
                 if not ready:
                     if self.stamps is None:
-                        raise PeerTimeout(f"{recv_ch.peer} sent nothing for {recv_ch.timeout_s:.1f} s").at(recv_ch.peer_rank)
-                    raise PeerTimeout(f"{send_ch.peer} accepted no data for {send_ch.timeout_s:.1f} s").at(send_ch.peer_rank)
+                        raise PeerTimeout(f"{recv_ch.peer} sent nothing for {recv_ch.timeout_s:.1f} s").at(
+                            recv_ch.peer_rank)
+                    raise PeerTimeout(f"{send_ch.peer} accepted no data for {send_ch.timeout_s:.1f} s").at(
+                        send_ch.peer_rank)
                 for fd, ev in ready:
                     if fd == rfd and self.stamps is None and ev & _IN:
                         self._receive()

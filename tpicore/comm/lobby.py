@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 LOBBY_WORLD = 1 << 15  # member ids are 1..LOBBY_WORLD-1
 LOBBY_FINGERPRINT = "tpi-lobby"
-_RUN_S = 3600.0
-JOIN_BUDGET_S = 60.0  # a spare may start before the master: it keeps trying this long (or its timeout)  # one Admissions run; the lobby starts another until stopped
+_RUN_S = 3600.0  # one Admissions run; the lobby starts another until stopped
+JOIN_BUDGET_S = 60.0  # a spare may start before the master: it keeps trying this long (or its timeout)
 
 
 def lobby_terms(secret: bytes | None, encrypt: bool, host: str) -> Terms:

@@ -45,12 +45,14 @@ def suspects(err: CommError, mesh: bool) -> dict[int, str]:
 class ElasticMaster:
     """A Master that regroups when a device is lost: spares take lost ranks, else the survivors re-split
     (`placement`), the history is replayed, and the failed step runs again. `on_recovery` gets each
-    Recovery (default: one note line on stderr)."""
+    Recovery (default: one note line on stderr); `fits(world, ratios)` names why a split cannot run (e.g.
+    a device's memory cap: the emulator), None when it can."""
 
     def __init__(self, group: Group, store: TensorStore, opts: RunOptions, *, lobby: Lobby | None,
                  slices: SliceSource, ratios: tuple[float, ...], placement: Placement, target_world: int,
-                 env: DeviceEnv | None = None, on_recovery: Callable[[Recovery], None] | None = None) -> None:
-        self.opts, self.env, self.lobby, self.slices = opts, env, lobby, slices
+                 env: DeviceEnv | None = None, on_recovery: Callable[[Recovery], None] | None = None,
+                 fits: Callable[[int, tuple[float, ...]], str | None] | None = None) -> None:
+        self.opts, self.env, self.lobby, self.slices, self.fits = opts, env, lobby, slices, fits
         self.ratios, self.placement, self.target_world = ratios, placement, target_world
         self.store = store
         self.master = Master(group, store, opts, env)
@@ -115,7 +117,8 @@ class ElasticMaster:
                 new = regroup(group, lost, self._epoch, target_world=self.target_world, standby=standby,
                               store=self.store, ratios=self.ratios,
                               shrink=lambda kept: self.placement(kept, self.ratios), slices=self.slices,
-                              give_back=self.lobby.give_back if self.lobby is not None else lambda chs: None)
+                              give_back=self.lobby.give_back if self.lobby is not None else lambda chs: None,
+                              fits=self.fits)
             except TpiError as e:  # no recovery possible: one line naming what was lost and why not
                 lost_all.update(lost)
                 names = ", ".join(f"rank {r} ({why})" for r, why in sorted(lost_all.items()))

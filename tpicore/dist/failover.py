@@ -424,12 +424,13 @@ class SliceSource:
 def regroup(group: Group, lost: dict[int, str], epoch: int, *, target_world: int, standby: list[Channel],
             store: TensorStore,
             ratios: tuple[float, ...], shrink: Callable[[list[int]], tuple[float, ...]], slices: SliceSource,
-            give_back: Callable[[list[Channel]], None]) -> Regrouped:
+            give_back: Callable[[list[Channel]], None],
+            fits: Callable[[int, tuple[float, ...]], str | None] | None = None) -> Regrouped:
     """Form the next group: probe every worker not in `lost` and every standby member, let spares take
     lost ranks (the split unchanged: survivors keep their slices), else re-split over who is left
     (`shrink(kept old ranks) -> ratios`), hand out the slices, and wait until every member is ready.
     Raises CommError when a member fails meanwhile (the caller starts a newer epoch), TpiError when no
-    recovery is possible."""
+    recovery is possible (`fits(world, ratios)`, when given, names why a split cannot run, e.g. memory)."""
     t0 = time.perf_counter()
     n = group.world_size
     channels = {r: ch for r, ch in group.channels.items() if r not in lost}
@@ -456,6 +457,11 @@ def regroup(group: Group, lost: dict[int, str], epoch: int, *, target_world: int
     give_back([a.channel for a in rest])
     world = 1 + len(members)
     same_split = world == n and new_ratios == tuple(ratios)
+    too_big = None if same_split or fits is None else fits(world, new_ratios)
+    if too_big is not None:  # e.g. a device's memory cap: tell the members, then give up
+        for a in members.values():
+            a.channel.close(bye=False)
+        raise TpiError(f"cannot recover: {world} devices are too few ({too_big})")
     t_plan = time.perf_counter()
     folders = None if same_split else slices.folders(world, new_ratios)
     if same_split:

@@ -23,7 +23,14 @@ from tpicore.comm.lobby import Lobby
 from tpicore.dist.elastic import ElasticMaster
 from tpicore.dist.failover import Recovery, SliceSource
 from tpicore.dist.local_workers import LocalWorkers
-from tpicore.dist.tensor_parallel import Master, RunOptions, _local_worker_main, read_secret, set_blas_threads, stop_listening
+from tpicore.dist.tensor_parallel import (
+    Master,
+    RunOptions,
+    local_worker_main,
+    read_secret,
+    set_blas_threads,
+    stop_listening,
+)
 from tpicore.errors import TpiError
 from tpicore.model.config import ModelConfig
 from tpicore.model.split import balanced_ratios, check_private_layers, parse_ratios
@@ -125,7 +132,7 @@ class ParallelSession:
             set_blas_threads(blas)
             copy = o.model if self.failover else None  # on this host every worker can re-shard the model
             spares = o.spares if self.failover else 0
-            self.workers.start(_local_worker_main, {
+            self.workers.start(local_worker_main, {
                 **{r: (r, addr, self.dirs[r], secret, o.timeout_s, blas, copy) for r in range(1, n)},
                 **{r: (r, addr, None, secret, o.timeout_s, blas, copy, True) for r in range(n, n + spares)}})
             self.workers.watch(lambda: stop_listening(listener))  # a worker failing at start-up ends the wait

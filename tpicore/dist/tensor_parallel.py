@@ -206,7 +206,7 @@ def run_worker(rank: int, master_addr: str, shard_dir: str | None, secret: bytes
         group.close()
 
 
-def _local_worker_main(rank: int, master_addr: str, shard_dir: str | None, secret: bytes, timeout_s: float,
+def local_worker_main(rank: int, master_addr: str, shard_dir: str | None, secret: bytes, timeout_s: float,
                        blas_threads: int, model: str | None = None, spare: bool = False) -> None:
     """Entry of a locally spawned worker process: an error is one line (to the master while the group
     forms, which prints it and ends the run at once; to stderr after), exit code 2."""
