@@ -155,6 +155,14 @@ def synthetic() -> dict[str, list[dict]]:
          for d in (100, 400)]
         + [dict(line("stall_prediction", {"paper_model": "llama-2-7b", "disk_read_mbps": d}, window=2),
                 **window_stats(tau_ms=100 / d * 10, stall_ms=100 / d * 9)) for d in (100, 400)])
+    out["failover"] = [  # a worker lost after token 2: the recovery's split and the token that waited for it
+        line("failover", {"devices.count": n, "options.slices": s}, n=n, ttft=0.5, lat=0.2,
+             token_latencies_s=[0.2, 3.0, 0.2], faults=[{"device": 2, "at_token": 2, "kind": "crash",
+                                                         "duration_s": None, "run": 0}],
+             recoveries=[{"lost": {"2": "disconnected"}, "world_before": n, "world_after": n - 1, "spares_used": 0,
+                          "detect_s": 0.01, "replan_s": 0.01, "load_s": 2.0 + n / 4, "rebuild_s": 0.4,
+                          "replayed_tokens": 5, "total_s": 2.42 + n / 4, "token": 3}])
+        for n in (3, 5) for s in ("local", "master")]
     return out
 
 

@@ -50,6 +50,25 @@
                                       # reads); false re-reads warm data: same results on a virtual clock
                                       # with a modelled disk (loads are charged bytes / disk_read_mbps), less
                                       # real time
+      failover: true                  # tpi/galaxy: a lost device is recovered (tpicore.dist.elastic), as in
+                                      # `tpi generate`; false: the run fails when a device is lost
+      slices: local                   # after a loss, where survivors get their new slice: local = each
+                                      # device re-shards its own copy of the model; master = rank 0 sends
+                                      # the files over the (emulated) links
+    faults:                           # optional: devices lost during the run (issue 15), e.g.
+      - {device: 2, at_token: 4, kind: crash}   # device: a worker rank 1..N-1 (topology order);
+                                      # at_token: k >= 1: right after the master produced token k of the
+                                      # run (token k + 1 sees the loss); 0: before the prompt (the prefill
+                                      # step sees it); run: which run of the workload (default 0);
+                                      # kind: crash (SIGKILL) | hang (SIGSTOP; SIGCONT after duration_s if
+                                      # given, the process then finds its group gone and exits) | link_down
+                                      # (every frame the device sends or receives is held until duration_s
+                                      # has passed: silent beyond options.timeout_s = lost, else a stall)
+                                      # Faults need a tensor-parallel mode, clock: wall (a lost rank would
+                                      # hold the virtual-clock link schedule back; detection and recovery are
+                                      # host time) and a model without unique_layers (the survivors re-shard
+                                      # the model). After a loss the emulated links follow group ranks (rank
+                                      # r uses device r's links): exact when the workers' links are alike.
 
 A mode fixes what it names and the results record the options as run: galaxy sets allreduce ring and no
 window; pipeline, standalone and offload run without a window; standalone+ms takes the window given
@@ -106,7 +125,7 @@ SHAPERS = ("user", "kernel")  # emulator/net/network.py: the user-space shaper, 
 ALLREDUCE = ("star", "ring", "tree")
 MODES = ("tpi", "galaxy", "pipeline", "standalone", "offload", "standalone+ms")
 SINGLE_DEVICE_MODES = ("standalone", "offload", "standalone+ms")
-SECTIONS = ("name", "topology", "model", "workload", "options")
+SECTIONS = ("name", "topology", "model", "workload", "options", "faults")
 
 # Bounds of every numeric field (topology.py has the devices' and links'): far past any real run, so only a
 # typo or an absurd value (layers: 1e30) is refused, naming the file, the field and the range
@@ -117,6 +136,9 @@ MAX_SEED = 2**63 - 1
 MAX_WINDOW = 2 * MAX_LAYERS + 2  # blocks: every layer's two, the embedding and the head
 MAX_TIMEOUT_S = 86_400.0  # one day
 MAX_SHARE = 1e6  # one device's ratio
+MAX_DOWN_S = 86_400.0  # a fault's duration_s
+FAULT_KINDS = ("crash", "hang", "link_down")
+SLICES = ("local", "master")
 
 
 class ModelSpec(Record):
@@ -214,6 +236,8 @@ class Options(Record):
     timeout_s: Number(gt=0, le=MAX_TIMEOUT_S) = DEFAULT_TIMEOUT_S  # transport timeout (real seconds)
     trace: Flag = False
     drop_cache: Flag = True
+    failover: Flag = True  # tpi/galaxy: recover from a lost device (tpicore.dist.elastic.ElasticMaster)
+    slices: Choice(*SLICES) = "local"  # after a loss: each device re-shards its own model copy, or rank 0 sends
 
     @model_validator(mode="before")
     @classmethod
@@ -255,6 +279,24 @@ class Options(Record):
         return self.mode in ("tpi", "galaxy")
 
 
+class Fault(Record):
+    """One device lost during a run (see `faults:` in the module docstring)."""
+
+    device: Int(1, MAX_LAYERS)  # a worker rank (checked against the topology in RunConfig)
+    at_token: Int(0, MAX_TOKENS)  # 0: before the prompt; k: right after the master produced token k
+    kind: Choice(*FAULT_KINDS)
+    duration_s: Number(gt=0, le=MAX_DOWN_S) | None = None  # hang: SIGCONT after it; link_down: required
+    run: Int(0, MAX_REPETITIONS * MAX_LAYERS) = 0  # the run of the workload (its order) it happens in
+
+    @model_validator(mode="after")
+    def _duration(self) -> "Fault":
+        if self.kind == "link_down" and self.duration_s is None:
+            raise Invalid("missing: a link_down lasts duration_s seconds", field="duration_s")
+        if self.kind == "crash" and self.duration_s is not None:
+            raise Invalid("a crash has no duration (the process is gone)", field="duration_s")
+        return self
+
+
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
         raise Invalid(f"expected a plain file name for results/<name>.jsonl, got {value!r}")
@@ -270,6 +312,12 @@ class RunConfigDoc(Record):
     model: ModelSpec | None = None
     workload: Workload = Workload()
     options: Options = Options()
+    faults: tuple[Fault, ...] = ()
+
+    @field_validator("faults", mode="before")
+    @classmethod
+    def _no_faults(cls, value: Any) -> Any:
+        return () if value is None else value
 
     @field_validator("model", mode="before")
     @classmethod
@@ -298,6 +346,7 @@ class RunConfig(Record):
     workload: Workload
     options: Options
     doc: dict
+    faults: tuple[Fault, ...] = ()
 
     @model_validator(mode="after")
     def _roofline_numbers(self) -> "RunConfig":
@@ -314,6 +363,34 @@ class RunConfig(Record):
         ratios = self.options.ratios
         if isinstance(ratios, tuple) and len(ratios) != len(self.topology):
             raise Invalid(f"{len(ratios)} values for {len(self.topology)} devices", field="options.ratios")
+        return self
+
+    @model_validator(mode="after")
+    def _faults_fit(self) -> "RunConfig":
+        seen: set[int] = set()
+        for i, f in enumerate(self.faults):
+            where = f"faults[{i}]"
+            if not self.options.tensor_parallel:
+                raise Invalid(f"options.mode {self.options.mode!r} has no device to lose (faults need tpi or galaxy)",
+                              field=f"{where}.device")
+            if f.device >= len(self.topology):
+                raise Invalid(f"{f.device} is not a worker rank (1..{len(self.topology) - 1} on "
+                              f"{len(self.topology)} devices)", field=f"{where}.device")
+            if f.device in seen:
+                raise Invalid(f"device {f.device} is lost twice", field=f"{where}.device")
+            seen.add(f.device)
+            if f.at_token >= self.workload.new_tokens:
+                raise Invalid(f"{f.at_token}: the run generates {self.workload.new_tokens} tokens (0..."
+                              f"{self.workload.new_tokens - 1}: a later token would see the loss)",
+                              field=f"{where}.at_token")
+            if f.run >= len(self.workload.runs):
+                raise Invalid(f"{f.run}: the workload has {len(self.workload.runs)} runs", field=f"{where}.run")
+            if self.options.clock != "wall":
+                raise Invalid("needs options.clock: wall (a lost device would hold the virtual clock's causal link "
+                              "schedule back, and detection and recovery are host time)", field=f"{where}.kind")
+            if self.model.unique:
+                raise Invalid("needs a model without unique_layers (the survivors re-shard the model)",
+                              field=f"{where}.kind")
         return self
 
     @property
@@ -342,6 +419,7 @@ class RunConfig(Record):
             "options": {**self.options.model_dump(),
                         "ratios": self.options.ratios if isinstance(self.options.ratios, str)
                         else list(self.options.ratios)},
+            **({"faults": [f.model_dump() for f in self.faults]} if self.faults else {}),
         }
 
 
@@ -431,7 +509,8 @@ def load_run_config(path: str | Path | None, overrides: Sequence[tuple[str, Any]
     if options.single_device and len(topology) > 1:  # the first device alone
         topology, options = first_device(topology), options.replace(ratios="equal")
     return load(RunConfig, dict(name=parsed.name, source=source, topology=topology, model=model,
-                                workload=parsed.workload, options=options, doc=resolved), source)
+                                workload=parsed.workload, options=options, doc=resolved, faults=parsed.faults),
+                source)
 
 
 def resolved_doc(doc: Mapping, overrides: Sequence[tuple[str, Any]]) -> dict:

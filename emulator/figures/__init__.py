@@ -9,6 +9,7 @@ figures drawn from results/*.jsonl and configs/paper_tables.yaml, and nothing el
     sweeps.py       Fig. 5, window, link-latency and device-count sweeps
     stalls.py       predicted vs measured stall per token
     quantized.py    quantized weights (f32 / bf16 / q8_0 / q4_k) at 70B shapes beside the paper's Table 1
+    failover.py     a lost device: the recovery's split and the token latencies around it (issue 15)
 
 Must not import emulator.run, net, host or cli, nor run experiments or write results.
 """

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from emulator.figures import fig1_fig3, privacy, quantized, stalls, sweeps, tables
+from emulator.figures import (
+    failover,
+    fig1_fig3,
+    privacy,
+    quantized,
+    stalls,
+    sweeps,
+    tables,
+)
 from emulator.figures.data import (
     DEFAULT_RESULTS,
     DEFAULT_TABLES,
@@ -56,6 +64,7 @@ FIGURES: dict[str, FigureSpec] = {
     "stall_prediction": FigureSpec(stalls.stall_prediction),
     "privacy": FigureSpec(privacy.privacy, PrivacyRecord),
     "quantized": FigureSpec(quantized.quantized),
+    "failover": FigureSpec(failover.failover),
 }
 
 

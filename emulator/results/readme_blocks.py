@@ -324,12 +324,37 @@ def fig3(recs: Records, tables: dict) -> str:
     return table(["clock", "algo", "points", "median - model (ms)"], rows)
 
 
+def _layers(p: Pt) -> str:
+    s = p.rec.setting
+    return f"{p.model} ({s.model.layers} layers)" if s else "?"
+
+
+def failover(recs: Records, tables: dict) -> str:
+    """One row per point with a recovery: the recovery's split (host seconds, summed over its recoveries),
+    the same run's TTFT, and recovery / TTFT (the issue's goal: under 2)."""
+    rows = []
+    for p in points(recs.get("failover", [])):
+        r = p.rec
+        if not p.ok or not r.recoveries:
+            rows.append([_layers(p), str(p.devices), "-", "-", "-", "-", "-", "-", "-", p.status or "no recovery"])
+            continue
+        part = {k: sum(getattr(x, k) for x in r.recoveries) for k in ("detect_s", "replan_s", "load_s", "rebuild_s")}
+        total = sum(part.values())
+        slices = r.config.get("options", {}).get("slices", "local")
+        rows.append([_layers(p), f"{p.devices} -> {r.recoveries[-1].world_after}",
+                     f"{'none' if p.window is None else p.window} / {slices}",
+                     *(num(part[k]) for k in ("detect_s", "replan_s", "load_s", "rebuild_s")), num(total),
+                     num(r.ttft_s), num(total / r.ttft_s if r.ttft_s else None, 2)])
+    return table(["model", "N", "w / slices", "detect s", "re-plan s", "load s", "rebuild s", "recovery s",
+                  "TTFT s", "recovery / TTFT"], rows)
+
+
 BLOCKS: dict[str, Callable[[Records, dict], str]] = {
     "provenance": provenance, "fig1_timeline": sweep_table("fig1_timeline"), "fig1_memory": sweep_table("fig1_memory"),
     "fig3": fig3, "table1": table1, "table2_6": table2_6, "fig5": sweep_table("fig5_scaling"), "fig6": fig6,
     "table3": sweep_table("table3_laptops"), "window_sweep": sweep_table("window_sweep"),
     "link_latency": sweep_table("link_latency_sweep"), "device_scaling": sweep_table("device_scaling"),
-    "stall": stall,
+    "stall": stall, "failover": failover,
 }
 
 

@@ -67,6 +67,12 @@ ttft_s / token_latencies_s / token_latency_s are one TokenTimings):
     provenance          optional (absent on older lines): the commit, its dirty flag and the host's load
                         at the run's start and end (emulator/results/provenance.py Provenance); every line
                         kind carries it
+    faults, recoveries  optional (absent without faults): the run config's faults struck in this run
+                        ({device, at_token, kind, duration_s, run}: FaultStruck) and each recovery the
+                        master made (tpicore.dist.failover.Recovery.to_json(): lost, world_before/after,
+                        spares_used, detect_s, replan_s, load_s, rebuild_s, replayed_tokens, total_s, host
+                        seconds; + token: the token whose latency includes it, 1 = the first); after a
+                        loss, time_split covers the new group's devices from the recovery on
 
 Lines are appended with one write() on an O_APPEND descriptor, so concurrent experiments writing the
 same file never interleave within a line; a short write is cut back off the file.
@@ -86,6 +92,7 @@ import numpy as np
 
 from emulator.config.collective_model import PAPER_TAU, hops
 from emulator.config.topology import Link, Machine
+from emulator.results.failover_record import FaultStruck, RecoveryResult
 from emulator.results.privacy_record import PrivacyRecord
 from emulator.results.provenance import Provenance, utc_now
 from tpicore.errors import TpiError
@@ -142,7 +149,9 @@ class LinkCounters:
 @dataclass(frozen=True)
 class RunMeasurement:
     """What the master measured in one run; `ranks`: each rank's share of it (RankReport.since of the
-    reports before and after the run), empty when the run did not complete."""
+    reports before and after the run; after a recovery in it: the new group's reports), empty when the
+    run did not complete. rank_devices: the topology device of each rank when they differ (a loss
+    renumbers the survivors), else None."""
 
     run: int
     prompt_len: int
@@ -151,20 +160,31 @@ class RunMeasurement:
     wall_s: float | None = None
     links: LinkCounters | None = None
     ranks: tuple[RankReport, ...] = ()
+    rank_devices: tuple[int, ...] | None = None
+    faults: tuple[Json, ...] = ()  # FaultStruck fields
+    recoveries: tuple[Json, ...] = ()  # RecoveryResult fields
 
     def to_json(self) -> Json:
         t = self.timings
-        return {"run": self.run, "prompt_len": self.prompt_len, "repetition": self.repetition,
-                "tokens": list(t.tokens), "ttft_s": t.ttft_s, "token_latencies_s": list(t.token_latencies_s),
-                "wall_s": self.wall_s, "links": self.links.to_json() if self.links else None,
-                "ranks": [r.to_json() for r in self.ranks]}
+        d = {"run": self.run, "prompt_len": self.prompt_len, "repetition": self.repetition,
+             "tokens": list(t.tokens), "ttft_s": t.ttft_s, "token_latencies_s": list(t.token_latencies_s),
+             "wall_s": self.wall_s, "links": self.links.to_json() if self.links else None,
+             "ranks": [r.to_json() for r in self.ranks]}
+        if self.rank_devices is not None:
+            d["rank_devices"] = list(self.rank_devices)
+        if self.faults or self.recoveries:
+            d.update(faults=list(self.faults), recoveries=list(self.recoveries))
+        return d
 
     @classmethod
     def from_json(cls, d: Json) -> "RunMeasurement":
+        devs = d.get("rank_devices")
         return cls(d["run"], d["prompt_len"], d["repetition"],
                    TokenTimings.of(d["tokens"], d["ttft_s"], d["token_latencies_s"]), d["wall_s"],
                    LinkCounters(**d["links"]) if d["links"] else None,
-                   tuple(RankReport.from_json(r, "the master") for r in d["ranks"]))
+                   tuple(RankReport.from_json(r, "the master") for r in d["ranks"]),
+                   tuple(devs) if devs is not None else None, tuple(d.get("faults", ())),
+                   tuple(d.get("recoveries", ())))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,6 +310,8 @@ class RunRecord:
     sweep: str | None = None
     prediction: Mapping[str, float] | None = None  # the planner's stall per token, {device: seconds}
     provenance: Provenance | None = None  # commit, dirty flag, host load (None on lines written before it)
+    faults: tuple[FaultStruck, ...] = ()  # struck in this run (issue 15); () on lines without faults
+    recoveries: tuple[RecoveryResult, ...] = ()
 
     # -- builders ----------------------------------------------------------------------------------
     @classmethod
@@ -300,9 +322,10 @@ class RunRecord:
         """A run's line: the master's measurement, with the peaks, caps and stops the supervisor saw
         (per device name, in rank order; extra_bytes: what peak_mem_bytes adds to the peak RSS)."""
         ranks = measurement.ranks
+        of_device = {d: i for i, d in enumerate(measurement.rank_devices or range(len(ranks)))}  # device -> rank
         devices = {}
         for i, name in enumerate(peak_rss_bytes):
-            share = ranks[i] if i < len(ranks) else None
+            share = ranks[of_device[i]] if of_device.get(i, len(ranks)) < len(ranks) else None
             devices[name] = DeviceResult(
                 peak_rss_bytes=peak_rss_bytes[name], peak_mem_bytes=peak_rss_bytes[name] + extra_bytes[name],
                 time_split=share.time_split if share else None, window=share.window if share else None,
@@ -313,7 +336,8 @@ class RunRecord:
                    timings=measurement.timings, devices=devices,
                    mem_over_cap=tuple(n for n, d in devices.items() if d.peak_mem_bytes > caps[n]), oom=tuple(oom),
                    error=error, wall_s=measurement.wall_s, links=measurement.links, time=utc_now(),
-                   provenance=provenance)
+                   provenance=provenance, faults=tuple(FaultStruck(**f) for f in measurement.faults),
+                   recoveries=tuple(RecoveryResult(**r) for r in measurement.recoveries))
 
     @classmethod
     def skipped_point(cls, *, experiment: str, point: Mapping[str, Any], mode: str | None, config: Json,
@@ -368,6 +392,9 @@ class RunRecord:
             d["prediction"] = {"stall_per_token_s": dict(self.prediction)}
         if self.provenance is not None:
             d["provenance"] = self.provenance.to_json()
+        if self.faults or self.recoveries:
+            d["faults"] = [vars(f) for f in self.faults]
+            d["recoveries"] = [r.to_json() for r in self.recoveries]
         return d
 
     @classmethod
@@ -392,7 +419,8 @@ class RunRecord:
                   error=d["error"], wall_s=d["wall_s"], links=LinkCounters(**d["links"]) if d["links"] else None,
                   time=d["time"], skipped=d.get("skipped", False), sweep=d.get("sweep"),
                   prediction=pred["stall_per_token_s"] if pred is not None else None,
-                  provenance=_provenance(d))
+                  provenance=_provenance(d), faults=tuple(FaultStruck(**f) for f in d.get("faults", ())),
+                  recoveries=tuple(RecoveryResult(**r) for r in d.get("recoveries", ())))
         _ = rec.setting  # parse the config now: a malformed one is this line's error, not a figure's
         return rec
 

@@ -12,7 +12,13 @@ the same links (LinkShaper on every message), so the comparison is fair:
     standalone+ms  first     window (default 2)               -       (tpicore.runtime.window)
 
 The master process (rank 0) drives generation through a `Driver`: `step(ids, pos, all_logits)`,
-`collect()` (every rank's RankReport so far; the master diffs two for one run's split) and `close()`.
+`collect()` (every rank's RankReport so far; the master diffs two for one run's split), `recoveries`
+(tpicore.dist.failover.Recovery, one per lost device recovered from), `rank_devices()` (the topology
+device of each current rank: after a loss the survivors are renumbered) and `close()`.
+tpi/galaxy with options.failover (the default) use tpicore.dist.elastic.ElasticMaster, as `tpi generate`
+does: a lost device is found, the survivors re-split the model (options.slices: each re-shards its own
+copy of the model, `local`, or rank 0 sends the files, `master`), the history is replayed. No lobby:
+the emulator starts no spare devices.
 Workers run `tpicore.dist.tensor_parallel.run_worker` or `pipeline_worker` (here: a setup message from
 the master, then tpicore.dist.pipeline's one stage loop). Every device gets its emulated world as one
 DeviceEnv (clock, disk model, link shaper), built by emulator/run/device.py.
@@ -29,7 +35,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from socket import socket
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,9 +43,12 @@ from emulator.config.run_config import RunConfig
 from emulator.net.network import Network
 from tpicore.comm.frame import Kind
 from tpicore.comm.group import Group
+from tpicore.dist.elastic import ElasticMaster
+from tpicore.dist.failover import Recovery, SliceSource
 from tpicore.dist.pipeline import PipelineMaster, make_stage, plan_stages, stage_loop
 from tpicore.dist.tensor_parallel import Master, RunOptions
 from tpicore.errors import TpiError
+from tpicore.model.split import check_ratios
 from tpicore.runtime.device import Device, ResidentSource
 from tpicore.runtime.env import DeviceEnv
 from tpicore.runtime.ondemand import OnDemandSource
@@ -60,6 +69,14 @@ class DeviceSetup:
     listener: socket
     addr: str
     secret: bytes
+    model_dir: str | None = None  # the model every device holds a copy of (failover, options.slices: local)
+    slices_dir: str | None = None  # per-run folder: each device's cache for the slices of a new split
+    faults_ack_r: int | None = None  # the master reads one byte per fault point once the supervisor struck
+    link_down_until: Any = None  # shared doubles, one per device: its links are down until (perf_counter)
+
+    def slice_cache(self, rank: int) -> str | None:
+        """Device `rank`'s own cache for re-sharded slices (cold in every run: a fresh folder)."""
+        return os.path.join(self.slices_dir, f"d{rank}") if self.slices_dir else None
 
 
 class Driver(Protocol):
@@ -69,7 +86,25 @@ class Driver(Protocol):
 
     def collect(self) -> list[RankReport]: ...
 
+    @property
+    def recoveries(self) -> list[Recovery]: ...
+
+    def rank_devices(self) -> list[int]: ...
+
     def close(self) -> None: ...
+
+
+class _NoFailover:
+    """The drivers that never regroup: no recoveries, rank r is device r."""
+
+    world_size = 1
+
+    @property
+    def recoveries(self) -> list[Recovery]:
+        return []
+
+    def rank_devices(self) -> list[int]:
+        return list(range(self.world_size))
 
 
 def open_store(path: str) -> TensorStore:
@@ -120,31 +155,68 @@ def resident_extra_bytes(cfg: RunConfig, dirs: list[str]) -> list[int]:
 # Master-side drivers (rank 0)
 
 
+def failover_on(cfg: RunConfig) -> bool:
+    """Whether the tensor-parallel devices run with failover (a worker then needs its model copy)."""
+    return cfg.options.failover and cfg.options.tensor_parallel and cfg.world_size > 1
+
+
 class TensorParallel:
-    """tpi / galaxy: tpicore.dist.tensor_parallel.Master over the emulated links."""
+    """tpi / galaxy: tpicore.dist.tensor_parallel.Master over the emulated links, or with failover (the
+    default) tpicore.dist.elastic.ElasticMaster: the same Master, recovering from a lost device."""
 
     def __init__(self, setup: DeviceSetup, store: TensorStore, max_seq: int, env: DeviceEnv) -> None:
         cfg = setup.cfg
         o = cfg.options
-        self.group = Group.master(cfg.world_size, secret=setup.secret, fingerprint=store.fingerprint,
+        self.cfg, n = cfg, cfg.world_size
+        fo = failover_on(cfg)
+        self.group = Group.master(n, secret=setup.secret, fingerprint=store.fingerprint,
                                   timeout_s=o.timeout_s, listener=setup.listener, mesh=o.allreduce != "star")
         opts = RunOptions(max_seq=max_seq, allreduce=o.allreduce, window=o.window, retain_every=o.retain_every,
-                          trace=o.trace, drop_cache=o.drop_cache)
-        self.master = Master(self.group, store, opts, env)
+                          trace=o.trace, drop_cache=o.drop_cache, failover=fo)
+        self.master: Master | ElasticMaster
+        if fo:
+            if setup.model_dir is None:
+                raise TpiError("options.failover: the master has no model folder to re-split after a loss")
+            slices = SliceSource(setup.model_dir, None, None, o.private_layers, cache_root=setup.slice_cache(0))
+            self.master = ElasticMaster(self.group, store, opts, lobby=None, slices=slices,
+                                        ratios=tuple(check_ratios(cfg.ratios(), n)), placement=self.placement,
+                                        target_world=n, env=env)
+        else:
+            self.master = Master(self.group, store, opts, env)
         self.step = self.master.step
+
+    def placement(self, kept: list[int], ratios: tuple[float, ...]) -> tuple[float, ...]:
+        """Ratios for the master + `kept` (current ranks): equal shares stay equal; speed or given shares
+        stay each survivor's own."""
+        if self.cfg.options.ratios == "equal":
+            return tuple(check_ratios(None, 1 + len(kept)))
+        mean = sum(ratios) / len(ratios)
+        return (ratios[0],) + tuple(ratios[r] if r >= 0 else mean for r in kept)
+
+    @property
+    def recoveries(self) -> list[Recovery]:
+        return self.master.recoveries if isinstance(self.master, ElasticMaster) else []
+
+    def rank_devices(self) -> list[int]:
+        """The topology device holding each current rank (no spares: a member id is its first rank)."""
+        if isinstance(self.master, ElasticMaster):
+            return [self.master.member_of[r] for r in range(self.master.group.world_size)]
+        return list(range(self.cfg.world_size))
 
     def collect(self) -> list[RankReport]:
         return self.master.collect()
 
     def close(self) -> None:
+        groups = {id(g): g for g in (self.group, self.master.group)}
         try:
             self.master.finish()
             self.master.close()
         finally:
-            self.group.close()
+            for g in groups.values():
+                g.close()
 
 
-class Pipeline:
+class Pipeline(_NoFailover):
     """pipeline: stage 0 (with the embedding and LM head) here, stages 1..N-1 in `pipeline_worker`."""
 
     def __init__(self, setup: DeviceSetup, store: TensorStore, max_seq: int, env: DeviceEnv) -> None:
@@ -161,6 +233,7 @@ class Pipeline:
         self.dev.timers.trace = o.trace
         self.master = PipelineMaster(self.group, self.dev)
         self.step = self.master.step
+        self.world_size = n
 
     def collect(self) -> list[RankReport]:
         return self.master.collect()
@@ -173,7 +246,7 @@ class Pipeline:
             self.group.close()
 
 
-class OneDevice:
+class OneDevice(_NoFailover):
     """standalone / offload / standalone+ms: the first device alone, no links."""
 
     def __init__(self, setup: DeviceSetup, store: TensorStore, max_seq: int, env: DeviceEnv) -> None:

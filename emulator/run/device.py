@@ -10,8 +10,12 @@
       |            measured, free or roofline), its disk model (disk_read_mbps, disk_latency_ms), the
       |            network's link hook on that clock
       | rank 0: master_main -- the mode's driver (baselines.open_driver) runs the prompt set and writes
-      |         JSON lines to the events pipe: ready, start, token, run (one per run), error, done
-      | rank > 0: tpicore's tensor-parallel worker, or a pipeline stage (baselines.pipeline_worker)
+      |         JSON lines to the events pipe: ready, start, token, run (one per run), error, done; at a
+      |         fault point of the run config (faults: run, at_token) it waits for the supervisor's byte on
+      |         the ack pipe (the fault is then in place: the next step sees it)
+      | rank > 0: tpicore's tensor-parallel worker (with failover: the model folder as its own copy when
+      |           options.slices is local, its re-shards in its own cache), or a pipeline stage
+      |           (baselines.pipeline_worker); a link_down fault holds its frames (LinkDown)
       v os._exit(0) done, 2 error (one `error:` line in its log)
 
 Layer: run. Must not fork, apply memory limits or write results.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import signal
 import sys
 import time
@@ -32,7 +37,15 @@ from emulator.config.run_config import RunConfig
 from emulator.host.limits import apply_cores
 from emulator.net.clock import SPIN_S, VirtualClock, WallClock
 from emulator.results.record import LinkCounters, RunMeasurement, TokenTimings
-from emulator.run.baselines import DeviceSetup, open_driver, open_store, pipeline_worker
+from emulator.run.baselines import (
+    DeviceSetup,
+    failover_on,
+    open_driver,
+    open_store,
+    pipeline_worker,
+)
+from tpicore.comm.channel import LinkHook
+from tpicore.dist.failover import Recovery
 from tpicore.dist.tensor_parallel import run_worker, set_blas_threads
 from tpicore.errors import TpiError
 from tpicore.runtime.env import DeviceEnv, DiskModel
@@ -58,12 +71,48 @@ def make_clock(cfg: RunConfig, rank: int) -> VirtualClock | WallClock:
     return WallClock(spin_s=spin)
 
 
+FAULT_ACK_TIMEOUT_S = 30.0  # the master's wait for the supervisor to strike a fault
+
+
+class LinkDown:
+    """A device's link hook while a link_down fault may come: every frame it sends or receives waits
+    until its links are up again (the supervisor sets `until[rank]`, a perf_counter time shared by the
+    processes). A send held past the peer's timeout is the silence that declares the device lost."""
+
+    def __init__(self, inner: LinkHook, until, rank: int) -> None:
+        self.inner, self.until, self.rank = inner, until, rank
+
+    def _hold(self) -> None:
+        left = self.until[self.rank] - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+
+    def now(self) -> float:
+        return self.inner.now()
+
+    def on_send(self, src_rank: int, dst_rank: int, nbytes: int) -> float:
+        self._hold()
+        return self.inner.on_send(src_rank, dst_rank, nbytes)
+
+    def on_wait(self, src_rank: int, dst_rank: int) -> None:
+        self.inner.on_wait(src_rank, dst_rank)
+
+    def on_recv(self, src_rank: int, dst_rank: int, nbytes: int, t_send: float, t_deliver: float) -> None:
+        self._hold()
+        self.inner.on_recv(src_rank, dst_rank, nbytes, t_send, t_deliver)
+
+    def stats(self) -> dict:
+        return self.inner.stats()
+
+
 def make_env(setup: DeviceSetup, rank: int) -> DeviceEnv:
     """Device `rank`'s emulated world: clock, disk, and links (jitter/loss drawn from the workload seed)."""
     cfg = setup.cfg
     clock = make_clock(cfg, rank)
     setup.network.enter(rank)
     shaper = setup.network.hook(rank, clock, seed=cfg.workload.seed)
+    if any(f.device == rank and f.kind == "link_down" for f in cfg.faults):
+        shaper = LinkDown(shaper, setup.link_down_until, rank)
     d = cfg.topology.devices[rank]
     return DeviceEnv(clock=clock, disk=DiskModel(read_mbps=d.disk_read_mbps, latency_ms=d.disk_latency_ms),
                      link_hook=shaper)
@@ -92,6 +141,8 @@ def device_main(setup: DeviceSetup, rank: int, gate_r: int, events_w: int, log_p
         if rank != 0:
             setup.listener.close()
             os.close(events_w)
+            if setup.faults_ack_r is not None:
+                os.close(setup.faults_ack_r)
         if os.read(gate_r, 1) != b"g":  # the supervisor gave up before our limits were in place
             os._exit(0)
         os.close(gate_r)
@@ -108,7 +159,11 @@ def device_main(setup: DeviceSetup, rank: int, gate_r: int, events_w: int, log_p
         elif cfg.options.mode == "pipeline":
             pipeline_worker(setup, rank, env)
         else:
-            run_worker(rank, setup.addr, setup.shard_dirs[rank], setup.secret, cfg.options.timeout_s, env=env)
+            copy = setup.model_dir if failover_on(cfg) and cfg.options.slices == "local" else None
+            if setup.slice_cache(rank) is not None:  # slices it shards or receives: its own cache (cold)
+                os.environ["TPI_CACHE_DIR"] = setup.slice_cache(rank)
+            run_worker(rank, setup.addr, setup.shard_dirs[rank], setup.secret, cfg.options.timeout_s, env=env,
+                       model=copy)
         code = 0
     except TpiError as e:
         print(f"error: {setup.cfg.topology.devices[rank].name} (rank {rank}): {e}", file=sys.stderr)
@@ -129,6 +184,18 @@ def master_main(setup: DeviceSetup, env: DeviceEnv, events_w: int) -> None:
             data = data[os.write(events_w, data):]
 
     cfg = setup.cfg
+    fault_points = {(f.run, f.at_token) for f in cfg.faults}
+
+    def struck(run: int, token: int) -> list[dict]:
+        """At a fault point: wait until the supervisor has struck (its byte on the ack pipe)."""
+        if (run, token) not in fault_points:
+            return []
+        ready, _, _ = select.select([setup.faults_ack_r], [], [], FAULT_ACK_TIMEOUT_S)
+        if not ready or os.read(setup.faults_ack_r, 1) != b"f":
+            raise TpiError(f"the supervisor did not strike the fault at run {run}, token {token} within "
+                           f"{FAULT_ACK_TIMEOUT_S:.0f} s")
+        return [f.model_dump() for f in cfg.faults if (f.run, f.at_token) == (run, token)]
+
     try:
         store = open_store(setup.shard_dirs[0])
         store.check()
@@ -142,14 +209,31 @@ def master_main(setup: DeviceSetup, env: DeviceEnv, events_w: int) -> None:
         emit({"ev": "ready"})
         for i, ((length, rep), prompt) in enumerate(zip(cfg.workload.runs, prompts)):
             emit({"ev": "start", "run": i, "prompt_len": len(prompt)})
+            faults = struck(i, 0)
+            count, n_rec = [0], len(driver.recoveries)
+
+            def on_token(tok: int, i: int = i) -> None:
+                count[0] += 1
+                emit({"ev": "token", "run": i})
+                faults.extend(struck(i, count[0]))
+
             t0 = time.perf_counter()
             gen = generate(driver.step, prompt, cfg.workload.new_tokens, Sampling(), (), max_seq,
-                           on_token=lambda tok, i=i: emit({"ev": "token", "run": i}), now=clock.now, clock=clock)
+                           on_token=on_token, now=clock.now, clock=clock)
             wall_s = time.perf_counter() - t0
             after = driver.collect()
             timings = TokenTimings.of(gen.tokens, gen.ttft_s, gen.token_latencies_s)
-            shares = tuple(a.since(b) for b, a in zip(before, after))  # this run's share of each rank's report
-            measured = RunMeasurement(i, len(prompt), rep, timings, wall_s, LinkCounters(**shaper.stats()), shares)
+            recs = driver.recoveries[n_rec:]
+            if recs:  # new devices (reports counted from the recovery on) under new ranks
+                shares = tuple(after)
+            else:
+                shares = tuple(a.since(b) for b, a in zip(before, after))  # this run's share of each rank's report
+            devices_now = driver.rank_devices()
+            measured = RunMeasurement(i, len(prompt), rep, timings, wall_s, LinkCounters(**shaper.stats()), shares,
+                                      rank_devices=tuple(devices_now) if devices_now != list(range(cfg.world_size))
+                                      else None, faults=tuple(faults),
+                                      recoveries=tuple({**r.to_json(), "token": recovery_token(r, len(prompt))}
+                                                       for r in recs))
             emit({"ev": "run", **measured.to_json()})
             before = after
         driver.close()
@@ -158,3 +242,10 @@ def master_main(setup: DeviceSetup, env: DeviceEnv, events_w: int) -> None:
         emit({"ev": "error", "message": str(e)})
         raise
 
+
+
+def recovery_token(rec: Recovery, prompt_len: int) -> int:
+    """The token (1 = the first) whose latency includes a recovery: the step that failed fed position
+    `replayed_tokens` (0: the prompt's step, token 1; else token replayed_tokens - prompt_len + 1 is fed
+    there, producing the next one)."""
+    return 1 if rec.replayed_tokens == 0 else rec.replayed_tokens - prompt_len + 2

@@ -295,7 +295,7 @@ class Run:
             self._setup()
             progress.say(f"starting {cfg.world_size} devices ({cfg.options.clock} clock)")
             progress.t0 = time.monotonic()
-            self.devices.start(self.shard_dirs, self.prompts, self.max_seq)
+            self.devices.start(self.shard_dirs, self.prompts, self.max_seq, model_dir=self.model_dir)
             out.exit_code = self._supervise(progress, on_record)
             graceful = out.exit_code == EXIT_OK and not any(r.error for r in out.records)
         except (KeyboardInterrupt, Interrupted) as e:
