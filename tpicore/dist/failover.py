@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -39,11 +40,13 @@ from tpicore.comm.frame import CommError, Kind, ProtocolError, parse_json
 from tpicore.comm.group import Group, wire_mesh
 from tpicore.comm.handshake import Terms
 from tpicore.errors import TpiError
-from tpicore.tools.shard import cached_shards, default_cache_root
+from tpicore.tools.shard import cached_shards, default_cache_root, prepare_job
 from tpicore.weights.store import TensorStore
 
 FILE_CHUNK_NBYTES = 16 << 20  # one TENSOR frame of a slice file sent by the master
+KEEPALIVE_FRACTION = 0.25  # while a slice loads, each side says it is alive every quarter of the timeout
 SOURCES = ("keep", "local", "master")
+T = TypeVar("T")
 
 
 class Regroup(TpiError):
@@ -180,6 +183,8 @@ def next_control(ch: Channel, epoch: int | None = None) -> dict:
         op = msg.get("op")
         if op == "ping":
             ch.send_json(Kind.CONTROL, {"op": "pong"})
+        elif op == "wait":  # the master is still loading: keep waiting
+            continue
         elif op == "regroup" and regroup_epoch(msg, ch.peer) != epoch:
             raise Regroup(msg["epoch"])
         else:
@@ -217,7 +222,11 @@ def rejoin(master: Channel, member: Member, epoch: int, store: TensorStore | Non
             raise ProtocolError(f"{master.peer} sent {msg.get('op')!r}, expected an assignment")
         a = Assignment.from_json(msg, master.peer)
         master.relabel(rank=a.rank)
-        store = obtain_slice(master, member, a, store)
+        if a.source == "local":  # sharding its own copy can take long: tell the master it is alive meanwhile
+            store = while_waiting([master], lambda: obtain_slice(master, member, a, store), member.timeout_s,
+                                  op="loading")
+        else:
+            store = obtain_slice(master, member, a, store)
         channels = {0: master}
         if a.mesh:
             wire_mesh(a.rank, a.world_size, a.peers, mesh_lst, channels,
@@ -381,12 +390,39 @@ def _why(e: BaseException) -> str:
 
 
 def await_assigned(ch: Channel, epoch: int) -> None:
+    """The member's word that it holds its slice (its "loading" keepalives reset the channel's timeout)."""
     while True:
         msg = parse_json(ch.recv_array(Kind.CONTROL), ch.peer)
         if msg.get("op") == "assigned" and msg.get("epoch") == epoch:
             return
-        if msg.get("op") != "pong":
+        if msg.get("op") not in ("pong", "loading"):
             raise ProtocolError(f"{ch.peer} sent {msg.get('op')!r}, expected 'assigned'")
+
+
+def while_waiting(channels: list[Channel], work: Callable[[], T], timeout_s: float, op: str = "wait") -> T:
+    """Run `work` (loading or sharding a slice: seconds to minutes) in a thread while telling the peers on
+    `channels` every KEEPALIVE_FRACTION of the timeout that this end is alive (a CONTROL {op} they need
+    not answer), so nobody's silence timer runs out meanwhile."""
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append((True, work()))
+        except BaseException as e:  # handed to the caller's thread
+            out.append((False, e))
+
+    t = threading.Thread(target=run, name="tpi-failover-load", daemon=True)
+    t.start()
+    while True:
+        t.join(timeout_s * KEEPALIVE_FRACTION)
+        if not t.is_alive():
+            break
+        for ch in channels:
+            ch.send_json(Kind.CONTROL, {"op": op})
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 @dataclass(frozen=True)
@@ -411,6 +447,16 @@ class SliceSource:
                  private_layers: int, cache_root: str | None = None) -> None:
         self.model, self.shards_root, self.shards_layout = model, shards_root, shards_layout
         self.private_layers, self.cache_root = private_layers, cache_root
+
+    def can_fingerprint(self, world_size: int, ratios: tuple[float, ...]) -> bool:
+        """Whether the split's fingerprint is known before its folders are written (from the model's headers)."""
+        return self.model is not None
+
+    def fingerprint(self, world_size: int, ratios: tuple[float, ...]) -> str:
+        """The fingerprint shards of this split carry (the model's headers and a few KiB, nothing written)."""
+        job = prepare_job(self.model, world_size, ratios, self.private_layers)
+        job.ckpt.close()
+        return job.fingerprint
 
     def folders(self, world_size: int, ratios: tuple[float, ...]) -> list[str] | None:
         if self.model is not None:
@@ -463,35 +509,43 @@ def regroup(group: Group, lost: dict[int, str], epoch: int, *, target_world: int
             a.channel.close(bye=False)
         raise TpiError(f"cannot recover: {world} devices are too few ({too_big})")
     t_plan = time.perf_counter()
-    folders = None if same_split else slices.folders(world, new_ratios)
-    if same_split:
-        new_store = store
-    elif folders is None:
-        raise TpiError(f"cannot recover: {world} devices need a new split and rank 0 has no source for the slices "
-                       "(start the master with --model, not only --shards)")
-    else:
-        new_store = TensorStore.from_shard_dir(folders[0])
-        new_store.check()
+    chans = [a.channel for a in members.values()]
+    sources = {r: "keep" if same_split and a.old_rank == r else "local" if a.has_model else "master"
+               for r, a in members.items()}
+    folders: list[str] | None = None
+    if "master" in sources.values() or not slices.can_fingerprint(world, new_ratios):  # rank 0 shards first
+        folders = None if same_split and "master" not in sources.values() else \
+            while_waiting(chans, lambda: slices.folders(world, new_ratios), group.timeout_s)
+        if folders is None and not same_split:
+            raise TpiError(f"cannot recover: {world} devices need a new split and rank 0 has no source for the "
+                           "slices (start the master with --model, not only --shards)")
+        if folders is None and "master" in sources.values():
+            raise TpiError("cannot recover: a device taking a rank has no model copy and rank 0 has no source for "
+                           "its slice (start workers or the master with --model)")
+    fingerprint = store.fingerprint if same_split else \
+        TensorStore.from_shard_dir(folders[0]).fingerprint if folders is not None else \
+        slices.fingerprint(world, new_ratios)
     mesh = group.mesh
     peers = {str(r): a.listen for r, a in members.items()} if mesh else {}
-    for r, a in sorted(members.items()):
-        if same_split and a.old_rank == r:
-            source = "keep"
-        elif a.has_model:
-            source = "local"
-        else:
-            if folders is None:
-                folders = slices.folders(world, new_ratios)
-            if folders is None:
-                raise TpiError(f"cannot recover: the device taking rank {r} has no model copy and rank 0 has no "
-                               "source for its slice (start workers or the master with --model)")
-            source = "master"
-        assignment = Assignment(epoch, r, world, new_ratios, store.layout.private_layers, new_store.fingerprint,
-                                source, mesh, peers)
+    for r, a in sorted(members.items()):  # assignments first: the members load while rank 0 does
+        assignment = Assignment(epoch, r, world, new_ratios, store.layout.private_layers, fingerprint, sources[r],
+                                mesh, peers)
         a.channel.send_json(Kind.CONTROL, assignment.to_json())
         a.channel.relabel(peer_rank=r)
-        if source == "master":
+        if sources[r] == "master":
             send_files(a.channel, folders[r])
+    if same_split:
+        new_store = store
+    else:
+        def load_own() -> TensorStore:
+            own = TensorStore.from_shard_dir(folders[0] if folders is not None else
+                                             slices.folders(world, new_ratios)[0])
+            own.check()
+            return own
+        new_store = while_waiting(chans, load_own, group.timeout_s)
+        if new_store.fingerprint != fingerprint:
+            raise TpiError(f"cannot recover: rank 0's new slice has fingerprint {new_store.fingerprint[:12]}, "
+                           f"expected {fingerprint[:12]}")
     for r, a in sorted(members.items()):
         await_assigned(a.channel, epoch)
     new = Group(0, world, {r: a.channel for r, a in members.items()}, timeout_s=group.timeout_s, mesh=mesh)

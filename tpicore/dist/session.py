@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 
 import numpy as np
 
@@ -150,6 +151,8 @@ class ParallelSession:
         self.workers.formed()
         if self.failover:  # spares and devices coming back join here from now on
             self.lobby = Lobby(listener, secret=secret, timeout_s=o.timeout_s)
+            if not o.listen and o.spares:
+                self._await_spares(o.spares, o.timeout_s)
         opts = RunOptions(max_seq=max_seq, allreduce=o.allreduce, window=o.window, retain_every=o.retain_every,
                           trace=o.trace, split_head=o.split_head, failover=self.failover,
                           dequantize_at_load=o.dequantize_at_load)
@@ -160,6 +163,16 @@ class ParallelSession:
         slices = SliceSource(o.model, o.shards, (n, ratios), self.store.layout.private_layers)
         self.master = ElasticMaster(self._group, self.store, opts, lobby=self.lobby, slices=slices, ratios=ratios,
                                     placement=self.placement, target_world=n)
+
+    def _await_spares(self, count: int, timeout_s: float) -> None:
+        """--spares S: the local standby devices are in the lobby before the first step (a loss right away
+        finds them), or one error line."""
+        deadline = time.monotonic() + timeout_s
+        while self.lobby.waiting() < count:
+            if time.monotonic() > deadline or self.workers.dead():
+                raise TpiError(f"--spares: {self.lobby.waiting()} of {count} standby devices joined within "
+                               f"{timeout_s:.1f} s")
+            time.sleep(0.01)
 
     @property
     def group(self) -> Group | None:
