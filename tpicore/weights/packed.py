@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from tpicore.weights import kernels
-from tpicore.weights.quant import dequantize
+from tpicore.weights.quant import GGML_TYPES, dequantize
 
 CHUNK_BYTES = 1 << 20  # float32 bytes of one dequantized row chunk (~L2-sized)
 CHUNK_ALIGN = 16  # rows per chunk are a multiple of this
@@ -71,3 +71,18 @@ class QuantMatrix:
                 out[:, lo:hi] = x @ w.T  # [T, cols] @ [cols, hi-lo] -> [T, hi-lo]
         return out
 
+
+_prepared: set[str] = set()
+
+
+def prepare(dtype: str) -> None:
+    """Compile (or load from numba's disk cache) the kernels a `dtype` weight will use, now: the sources call
+    this when they plan or load such a weight, outside the compute sections a virtual clock charges, so a
+    first multiplication does not bill the compile to a block. Runs both of QuantMatrix's paths once."""
+    if dtype in _prepared or dtype not in kernels.DEQUANT_TAGS + kernels.GEMV_TAGS:
+        return
+    t = GGML_TYPES[dtype]
+    m = QuantMatrix(np.zeros((CHUNK_ALIGN, t.block_bytes), dtype=np.uint8), dtype, t.block_elems, fused=True)
+    for tokens in (1, FUSED_TOKENS + 1):  # fused, then dequantized chunks
+        m.linear(np.zeros((tokens, t.block_elems), dtype=np.float32))
+    _prepared.add(dtype)

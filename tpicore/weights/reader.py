@@ -34,7 +34,7 @@ from tpicore.weights.checkpoint import (
     stored_layout,
     to_f32,
 )
-from tpicore.weights.packed import QuantMatrix
+from tpicore.weights.packed import QuantMatrix, prepare
 from tpicore.weights.quant import GGML_TYPES, is_block_quantized
 
 READ_BYTES = 8 << 20  # one read call; the page cache behind it is dropped right after
@@ -106,6 +106,12 @@ class BlockPlan:
     def nbytes(self) -> int:  # bytes read from disk
         return sum(r.nbytes for r in self.reads)
 
+    @property
+    def widened_elems(self) -> int:
+        """float32 elements the loader writes by widening f16/bf16 or dequantizing ggml blocks (0 when every
+        read lands as stored: f32, or ggml blocks kept quantized)."""
+        return sum(int(np.prod(r.shape, dtype=np.int64)) for r in self.reads if not r.packed and r.info.dtype != "F32")
+
 
 def lay_out(block: Block, parts: list[tuple[str, TensorInfo, int, int, tuple[int, ...]]],
             keep_quantized: bool = False) -> BlockPlan:
@@ -115,6 +121,8 @@ def lay_out(block: Block, parts: list[tuple[str, TensorInfo, int, int, tuple[int
     reads, at = [], 0
     for leaf, info, offset, nbytes, shape in parts:
         packed = keep_quantized and is_block_quantized(info.dtype) and len(shape) == 2
+        if is_block_quantized(info.dtype):
+            prepare(info.dtype)  # its kernels compiled now, not inside the first block's compute
         reads.append(TensorRead(leaf, info, offset, nbytes, shape, at, packed))
         n = -(-nbytes // 4) if packed else int(np.prod(shape, dtype=np.int64))  # float32 slots taken
         at += -(-n // ALIGN_ELEMS) * ALIGN_ELEMS
@@ -142,6 +150,7 @@ def load_resident(info: TensorInfo, dequantize_at_load: bool) -> QuantMatrix | N
     if dequantize_at_load or not is_block_quantized(info.dtype) or len(info.shape) != 2:
         return None
     assert info.shape[1] % GGML_TYPES[info.dtype].block_elems == 0
+    prepare(info.dtype)
     return QuantMatrix(read_raw(info), info.dtype, info.shape[1], fused=True)  # q/k rows in HF order
 
 
@@ -180,6 +189,7 @@ class BlockReader:
             rows = int(np.prod(shape[:-1], dtype=np.int64))  # 1 for a 1-D tensor
             raw = np.empty((rows, nbytes // rows), dtype=np.uint8)  # [rows, row_bytes]
             self.read(info.path, memoryview(raw.reshape(-1)), offset)
+            prepare(info.dtype)
             if keep_quantized and len(shape) == 2:
                 if info.llama_cpp_heads and shape == info.shape:  # GGUF q/k rows back into HF order
                     raw = rows_in_hf_order(info, raw)
