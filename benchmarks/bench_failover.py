@@ -10,15 +10,16 @@ worker started with the model folder as its own copy, slices re-sharded from it 
        detect (until the error), re-plan (probe + split), load (every survivor's new slice from its own
        copy, the master's own), rebuild (the prompt + tokens so far replayed on N - 1 devices)
 
-The timeout must outlast the master's own re-shard for the new split (it shards before it hands out the
-assignments; the survivors wait MASTER_GRACE x timeout for it): 2 s is too short for a 300 MB model on
-this host (the survivors give up: "lost the master during a regroup").
+Two ways the survivors get their slices, each a row:
+    cold      nothing prepared: every survivor (and the master) re-shards its own model copy into its cache
+    on disk   the N - 1 split was sharded beforehand (`tpi shard` / an earlier run left it in the cache):
+              load = opening and checking the slices already on local disk
 
-The goal: recovery < 2x TTFT for a model whose slices are on local disk (the SIGSTOP row is dominated by
+The goal: recovery < 2x TTFT for a model whose slices are on local disk (the SIGSTOP rows are dominated by
 the timeout by construction: detection of a silent device cannot beat it).
 
     .venv/bin/python benchmarks/bench_failover.py [--worlds 3 4] [--synth small-100m --layers 4]
-        [--prompt 64] [--at-token 4] [--timeout-s 8] [--cache DIR]
+        [--prompt 64] [--at-token 4] [--timeout-s 4] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from tpicore.dist.session import ParallelSession
 from tpicore.runtime.generate import Sampling, generate
 from tpicore.runtime.session import GenerateOptions
+from tpicore.tools.shard import cached_shards
 from tpicore.tools.synth.checkpoint import write_checkpoint
 from tpicore.tools.synth.presets import preset_config
 
@@ -47,8 +49,10 @@ def model_dir(root: str, synth: str, layers: int) -> str:
 
 
 def one(model: str, n: int, how: str, prompt: list[int], new: int, at_token: int, timeout_s: float,
-        cache: str) -> dict:
-    os.environ["TPI_CACHE_DIR"] = os.path.join(cache, f"run-{n}-{how}-{time.monotonic_ns()}")  # cold re-shards
+        cache: str, on_disk: bool) -> dict:
+    os.environ["TPI_CACHE_DIR"] = os.path.join(cache, f"run-{n}-{how}-{time.monotonic_ns()}")  # a fresh cache
+    if on_disk:  # the survivors' split, sharded beforehand into the same cache
+        cached_shards(model, n - 1, None, quiet=True)
     opts = GenerateOptions(model=model, devices=n, timeout_s=timeout_s)
     max_seq = len(prompt) + new
     with ParallelSession(opts) as s:
@@ -77,7 +81,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=8)
     ap.add_argument("--at-token", type=int, default=4)
-    ap.add_argument("--timeout-s", type=float, default=8.0)
+    ap.add_argument("--timeout-s", type=float, default=4.0)
     ap.add_argument("--cache", default=None, help="model and shard folders (default: a temporary folder)")
     args = ap.parse_args()
     root = args.cache or tempfile.mkdtemp(prefix="bench-failover-")
@@ -87,15 +91,15 @@ def main() -> None:
     print(f"model: {args.synth} with {args.layers} layers (f32, {model}); prompt {args.prompt} tokens, rank 2 "
           f"lost right after decode token {args.at_token}; timeout {args.timeout_s:g} s; host: "
           f"{os.cpu_count()} cores")
-    head = f"{'N':>2} {'loss':>8} {'TTFT s':>8} {'detect':>7} {'re-plan':>8} {'load':>7} {'rebuild':>8} " \
+    head = f"{'N':>2} {'loss':>8} {'slices':>8} {'TTFT s':>8} {'detect':>7} {'re-plan':>8} {'load':>7} {'rebuild':>8} " \
            f"{'recovery':>9} {'next tok':>9} {'rec/TTFT':>9}  goal <2x"
     print(head)
     for n in args.worlds:
-        for how in ("SIGKILL", "SIGSTOP"):
-            r = one(model, n, how, prompt, args.new, args.at_token, args.timeout_s, root)
+        for how, on_disk in (("SIGKILL", False), ("SIGKILL", True), ("SIGSTOP", True)):
+            r = one(model, n, how, prompt, args.new, args.at_token, args.timeout_s, root, on_disk)
             rec = r["rec"]
             ratio = rec.total_s / r["ttft_s"]
-            print(f"{n:>2} {how:>8} {r['ttft_s']:>8.3f} {rec.detect_s:>7.3f} {rec.replan_s:>8.3f} "
+            print(f"{n:>2} {how:>8} {'on disk' if on_disk else 'cold':>8} {r['ttft_s']:>8.3f} {rec.detect_s:>7.3f} {rec.replan_s:>8.3f} "
                   f"{rec.load_s:>7.3f} {rec.rebuild_s:>8.3f} {rec.total_s:>9.3f} {r['next_token_s']:>9.3f} "
                   f"{ratio:>9.2f}  {'yes' if ratio < 2 else 'no'}{' (timeout)' if how == 'SIGSTOP' else ''}",
                   flush=True)

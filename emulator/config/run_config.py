@@ -50,8 +50,8 @@
                                       # reads); false re-reads warm data: same results on a virtual clock
                                       # with a modelled disk (loads are charged bytes / disk_read_mbps), less
                                       # real time
-      failover: true                  # tpi/galaxy: a lost device is recovered (tpicore.dist.elastic), as in
-                                      # `tpi generate`; false: the run fails when a device is lost
+      failover: true                  # tpi/galaxy with `faults:`: a lost device is recovered
+                                      # (tpicore.dist.elastic), as in `tpi generate`; false: the run fails
       slices: local                   # after a loss, where survivors get their new slice: local = each
                                       # device re-shards its own copy of the model; master = rank 0 sends
                                       # the files over the (emulated) links
@@ -236,7 +236,7 @@ class Options(Record):
     timeout_s: Number(gt=0, le=MAX_TIMEOUT_S) = DEFAULT_TIMEOUT_S  # transport timeout (real seconds)
     trace: Flag = False
     drop_cache: Flag = True
-    failover: Flag = True  # tpi/galaxy: recover from a lost device (tpicore.dist.elastic.ElasticMaster)
+    failover: Flag = True  # tpi/galaxy with faults: recover from a lost device (tpicore.dist.elastic)
     slices: Choice(*SLICES) = "local"  # after a loss: each device re-shards its own model copy, or rank 0 sends
 
     @model_validator(mode="before")

@@ -156,8 +156,9 @@ def resident_extra_bytes(cfg: RunConfig, dirs: list[str]) -> list[int]:
 
 
 def failover_on(cfg: RunConfig) -> bool:
-    """Whether the tensor-parallel devices run with failover (a worker then needs its model copy)."""
-    return cfg.options.failover and cfg.options.tensor_parallel and cfg.world_size > 1
+    """Whether the tensor-parallel devices run with failover (a worker then needs its model copy): in a run
+    with `faults:` (a device the config does not plan to lose ending is a crash of the run either way)."""
+    return cfg.options.failover and bool(cfg.faults) and cfg.options.tensor_parallel and cfg.world_size > 1
 
 
 class TensorParallel:

@@ -255,7 +255,7 @@ def obtain_slice(master: Channel, member: Member, a: Assignment, store: TensorSt
         if member.model is None:
             raise TpiError(f"rank {a.rank}: told to shard its own model copy, but it has none")
         folder = cached_shards(member.model, a.world_size, a.ratios, cache_root=member.cache_root, quiet=True,
-                               private_layers=a.private_layers)[a.rank]
+                               private_layers=a.private_layers, ranks=[a.rank])[a.rank]
     else:
         folder = receive_files(master, os.path.join(member.cache_root or default_cache_root(), "received",
                                                     f"{a.fingerprint[:16]}-rank-{a.rank}"))
@@ -458,10 +458,11 @@ class SliceSource:
         job.ckpt.close()
         return job.fingerprint
 
-    def folders(self, world_size: int, ratios: tuple[float, ...]) -> list[str] | None:
+    def folders(self, world_size: int, ratios: tuple[float, ...], ranks: list[int] | None = None) -> list[str] | None:
+        """Every rank's folder (those of `ranks` checked when the cache is reused), or None: no source."""
         if self.model is not None:
             return cached_shards(self.model, world_size, ratios, cache_root=self.cache_root, quiet=True,
-                                 private_layers=self.private_layers)
+                                 private_layers=self.private_layers, ranks=ranks)
         if self.shards_root is not None and self.shards_layout == (world_size, tuple(ratios)):
             return [os.path.join(self.shards_root, f"rank-{r}") for r in range(world_size)]
         return None
@@ -514,8 +515,9 @@ def regroup(group: Group, lost: dict[int, str], epoch: int, *, target_world: int
                for r, a in members.items()}
     folders: list[str] | None = None
     if "master" in sources.values() or not slices.can_fingerprint(world, new_ratios):  # rank 0 shards first
+        needed = [0] + [r for r, src in sources.items() if src == "master"]
         folders = None if same_split and "master" not in sources.values() else \
-            while_waiting(chans, lambda: slices.folders(world, new_ratios), group.timeout_s)
+            while_waiting(chans, lambda: slices.folders(world, new_ratios, needed), group.timeout_s)
         if folders is None and not same_split:
             raise TpiError(f"cannot recover: {world} devices need a new split and rank 0 has no source for the "
                            "slices (start the master with --model, not only --shards)")
@@ -539,7 +541,7 @@ def regroup(group: Group, lost: dict[int, str], epoch: int, *, target_world: int
     else:
         def load_own() -> TensorStore:
             own = TensorStore.from_shard_dir(folders[0] if folders is not None else
-                                             slices.folders(world, new_ratios)[0])
+                                             slices.folders(world, new_ratios, [0])[0])
             own.check()
             return own
         new_store = while_waiting(chans, load_own, group.timeout_s)

@@ -498,11 +498,11 @@ def _complete(out: str, world_size: int) -> bool:
             and not os.path.exists(os.path.join(out, f"rank-{world_size}")))
 
 
-def _intact(out: str, world_size: int) -> str | None:
-    """None when every rank folder under `out` passes verify_shard, else the first error (one line). Each
-    folder that passes is stamped, so the loads of this run (the master's own, its local workers') do not
-    read its bytes a second time."""
-    for r in range(world_size):
+def _intact(out: str, world_size: int, ranks: Iterable[int] | None = None) -> str | None:
+    """None when every rank folder under `out` (or those of `ranks`) passes verify_shard, else the first error
+    (one line). Each folder that passes is stamped, so the loads of this run (the master's own, its local
+    workers') do not read its bytes a second time."""
+    for r in (range(world_size) if ranks is None else ranks):
         try:
             verify_shard(os.path.join(out, f"rank-{r}"), stamp=True)
         except TpiError as e:
@@ -511,13 +511,16 @@ def _intact(out: str, world_size: int) -> str | None:
 
 
 def cached_shards(model_dir: str, world_size: int, ratios: Iterable[float] | None = None,
-                  cache_root: str | None = None, quiet: bool = False, private_layers: int = 0) -> list[str]:
+                  cache_root: str | None = None, quiet: bool = False, private_layers: int = 0,
+                  ranks: Iterable[int] | None = None) -> list[str]:
     """Rank folders for `model_dir` split for `world_size` devices, sharded on first use and reused after.
 
     The cache folder is `<split>-<state>`: split = hash(real model path, N, ratios), state = hash(file
     names, sizes, mtimes). A changed checkpoint gets a new state; older states of the same split are
-    deleted once the new one is in place.
+    deleted once the new one is in place. `ranks`: the folders the caller will use (a device after a
+    regroup: its own); only those are verified when the cache is reused (default: all).
     """
+    ranks = None if ranks is None else list(ranks)
     ratios = check_ratios(ratios, world_size)
     gguf = is_gguf_path(model_dir)  # kept by name: a split set's parts are found from it
     model = os.path.abspath(model_dir) if gguf else os.path.realpath(model_dir)
@@ -531,7 +534,7 @@ def cached_shards(model_dir: str, world_size: int, ratios: Iterable[float] | Non
     state = canonical_hash(_source_state(model))[:16]
     out = os.path.join(root, f"{split}-{state}")
     folders = [os.path.join(out, f"rank-{r}") for r in range(world_size)]
-    if _complete(out, world_size) and _intact(out, world_size) is None:
+    if _complete(out, world_size) and _intact(out, world_size, ranks) is None:
         return folders
     os.makedirs(root, exist_ok=True)
     # one process shards while others wait for it (two `tpi generate` runs started together)
@@ -539,7 +542,7 @@ def cached_shards(model_dir: str, world_size: int, ratios: Iterable[float] | Non
         fcntl.flock(lock, fcntl.LOCK_EX)
         problem = None
         if os.path.isdir(out):  # published whole (atomic rename): anything amiss is corruption
-            problem = (_intact(out, world_size) if _complete(out, world_size)
+            problem = (_intact(out, world_size, ranks) if _complete(out, world_size)
                        else f"{out}: a manifest is missing, corrupt or edited")
             if problem is None:
                 return folders
