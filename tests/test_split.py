@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tpicore.errors import TpiError
 from tpicore.model import llama as M
 from tpicore.model.config import ModelConfig
-from tpicore.model.split import Layout, parse_ratios, split_layouts
+from tpicore.model.split import Layout, apportion, parse_ratios, split_layouts
 from tpicore.model.tensors import (
     ATTN_LEAVES,
     FFN_LEAVES,
@@ -75,6 +75,13 @@ def check_layouts(cfg: ModelConfig, layouts: list[Layout], ratios: list[float]) 
                 assert layouts[i].n_heads >= layouts[j].n_heads, (ratios, layouts)
 
 
+def test_apportion_gives_a_larger_weight_at_least_as_much_even_when_rounding_ties():
+    """Hypothesis found 5 KV heads over ratios (0.1, 0.1 + 1 ulp): both ideal shares round to 1.5, and the
+    tie went to the lower rank, so the larger ratio got fewer heads."""
+    assert apportion(5, [0.1, 0.10000000000000002]) == [2, 3]
+    assert apportion(5, [1.0, 1.0]) == [3, 2]  # equal weights: the lower rank, as before
+
+
 def ratio_sets(n: int) -> list[list[float]]:
     return [[1.0] * n, [float(n - i) for i in range(n)], [float(x) for x in ([3, 2, 2, 1] * 2)[:n]],
             [10.0] + [1.0] * (n - 1), [1.0] * (n - 1) + [7.5]]
@@ -99,9 +106,7 @@ def test_layouts_cover_and_group(H, Hkv):
     assert checked > 0
 
 
-# derandomized: a random run once found ratios (1,1,1,1,0.5,0.5,...) over 8 ranks where a larger ratio got fewer
-# heads (GQA group granularity in split_layouts); open, noted in the closing note of the restructure issue
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_layouts_property(data):
     Hkv = data.draw(st.integers(1, 8), label="Hkv")

@@ -92,14 +92,15 @@ class Layout:
 
 def apportion(total: int, weights: list[float], minimum: int = 1) -> list[int]:
     """Split `total` units into len(weights) counts proportional to weights, each >= minimum
-    (largest-remainder rounding; ties go to lower ranks, so the result is deterministic)."""
+    (largest-remainder rounding; equal remainders go to the larger weight, then to the lower rank, so a
+    larger weight never gets fewer units even when float rounding ties their ideal shares)."""
     n = len(weights)
     spare = total - minimum * n
     assert spare >= 0
     w = np.asarray(weights, dtype=np.float64)
     ideal = spare * w / w.sum()
     counts = np.floor(ideal).astype(int)
-    order = sorted(range(n), key=lambda i: (-(ideal[i] - counts[i]), i))
+    order = sorted(range(n), key=lambda i: (-(ideal[i] - counts[i]), -w[i], i))
     for i in order[: spare - counts.sum()]:
         counts[i] += 1
     return [int(c) + minimum for c in counts]
