@@ -5,9 +5,10 @@ finish before every worker's contribution has arrived). For each (payload, N) ro
 table gives the median and p99 microseconds per call with plain frames ("star med"), with sealed frames
 ("star+aead med": ChaCha20-Poly1305, tpicore.comm.seal), with receives that block at once or that first
 poll for up to channel.SPIN_S ("+spin": what `Collective` does where the group has no more ranks than
-the host has cores; with more, "+spin" rows spin 0 us and equal the others), and tables of the
-differences of the medians: the encryption's cost and the spin's gain per allreduce. All columns come
-from the same run, alternating the variants' groups so that background load hits them alike.
+the host has cores and the host's load average is under cores + 1; otherwise "+spin" rows block at
+once like the others), and tables of the differences of the medians: the encryption's cost and the
+spin's gain per allreduce. All columns come from the same run, alternating the variants' groups so
+that background load hits them alike.
 
     .venv/bin/python benchmarks/bench_allreduce.py [--worlds 2 4 8] [--sizes 4 3072 16384 65536 262144]
         [--algos star ring tree] [--iters 300] [--encryption both|on|off] [--spin both|on|off]

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"decode ms/token, {a.tokens} tokens x {a.rounds} rounds (median), 1 BLAS thread per process, "
                 f"star allreduce, sealed frames, receives poll up to "
                 f"{' / '.join(f'{spin_budget_s(n) * 1e6:.0f}' for n in a.devices if n > 1)} us at N = "
-                f"{' / '.join(str(n) for n in a.devices if n > 1)} ({usable_cores()} cores); load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end, "
+                f"{' / '.join(str(n) for n in a.devices if n > 1)} ({usable_cores()} cores); "
+                f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end, "
                 f"CPU pressure max {max(pressure):.0f}%")
     return 0
 

@@ -63,7 +63,7 @@ SMALL_FRAME_NBYTES = 64 << 10  # ERROR frames and handshake messages stay small
 _ABORT_SEND_TIMEOUT_S = 0.5
 SPIN_S = 50e-6  # a receive polls this long before it blocks, where spin_budget_s allows it
 SPIN_BACKOFF_MAX = 256  # after failed spins, up to this many receives block at once
-_yield = getattr(os, "sched_yield", lambda: None)
+SPIN_LOAD_CHECK = 256  # receives between two looks at the host's load average
 
 
 class PeerLost(CommError):
@@ -167,8 +167,10 @@ def spin_recv(sock: socket.socket, view: memoryview, spin_s: float, peer: str) -
     """Non-blocking reads into `view` for up to `spin_s`: the bytes that came (0: none yet, so block).
 
     Waking a blocked reader costs a scheduler round trip (~10 us a hop on loopback); a frame that
-    arrives within the spin skips it. Each empty poll yields the CPU (sched_yield), so a peer that
-    shares this core still runs. Returns at the first bytes, whatever their number.
+    arrives within the spin skips it. The spin does not yield the CPU: on a busy host a yield hands
+    the core to another process for a whole time slice; a peer that shares this core cannot send
+    until the spin ends, and Spin's backoff then stops spinning. Returns at the first bytes, whatever
+    their number.
     """
     deadline = time.perf_counter() + spin_s
     n = len(view)
@@ -178,7 +180,6 @@ def spin_recv(sock: socket.socket, view: memoryview, spin_s: float, peer: str) -
         except (BlockingIOError, socket.timeout):  # nothing yet (OSError subclasses: caught first)
             if time.perf_counter() >= deadline:
                 return 0
-            _yield()
             continue
         except (ConnectionResetError, ConnectionAbortedError):
             raise PeerLost(f"{peer} reset the connection") from None
@@ -192,17 +193,28 @@ def spin_recv(sock: socket.socket, view: memoryview, spin_s: float, peer: str) -
 class Spin:
     """A channel's receive polling: `spin_s` per header read (0: block at once), with a backoff. A spin
     that catches nothing makes the next 1, 2, 4 .. SPIN_BACKOFF_MAX reads block at once (a busy host:
-    polling would only burn a core); one that catches a frame resets it."""
+    polling would only burn a core); one that catches a frame resets it. Every SPIN_LOAD_CHECK reads it
+    looks at the host's load average: with more runnable processes than cores (plus one, for this
+    group's own waiting ranks) it blocks at once, whoever runs them (measured: a spin then costs more
+    than the wakeup it saves, benchmarks/bench_allreduce.py)."""
 
-    def __init__(self, spin_s: float = 0.0) -> None:
+    def __init__(self, spin_s: float = 0.0, check_load: bool = True) -> None:
         self.spin_s = spin_s
         self.backoff = 0
         self.skip = 0  # reads left that block at once
+        self.busy = False  # the host had more runnable processes than cores at the last check
+        self.check_load = check_load
+        self._until_check = 0
+        self._cores = usable_cores()
 
     def poll(self, sock: socket.socket, view: memoryview, peer: str) -> int:
-        """spin_recv unless backing off: the bytes caught."""
-        if self.skip:
-            self.skip -= 1
+        """spin_recv unless backing off or the host is busy: the bytes caught."""
+        self._until_check -= 1
+        if self._until_check <= 0 and self.check_load:
+            self._until_check = SPIN_LOAD_CHECK
+            self.busy = os.getloadavg()[0] >= self._cores + 1
+        if self.skip or self.busy:
+            self.skip = max(0, self.skip - 1)
             return 0
         got = spin_recv(sock, view, self.spin_s, peer)
         self.backoff = 0 if got else min(2 * self.backoff or 1, SPIN_BACKOFF_MAX)
