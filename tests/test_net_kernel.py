@@ -17,12 +17,15 @@ import time
 import numpy as np
 import pytest
 
+from emulator.config.run_config import load_run_config
 from emulator.config.topology import Link, Machine, Topology, make_topology
 from emulator.net.clock import WallClock
+from emulator.net.hybrid import HostTransit
 from emulator.net.kernel import KernelNetwork, namespaces, sweep_leftovers, unavailable
 from emulator.net.links import BURST_BYTES
 from emulator.net.netrun import run_on_network
 from emulator.net.network import make_network
+from emulator.run.launcher import Run
 from tpicore.comm.collectives import broadcast
 from tpicore.comm.frame import Kind
 from tpicore.errors import TpiError
@@ -198,6 +201,37 @@ def test_hybrid_delay_counts_from_arrival_when_the_receiver_was_busy():
     report("busy receiver: due after the send (best of 16)", expected * 1e3, due * 1e3, "ms", "0.3 ms")
     assert due == pytest.approx(expected, abs=0.0003)  # taken from when it asked: 20 ms more
     assert all(seen >= d for d, seen in receiver)  # never seen before it is due
+
+
+def test_host_transit_is_one_least_for_every_device_process():
+    """The host's least transit is shared by the network's device processes (the cell is made before
+    they fork): what one learns, the others subtract too."""
+    host = HostTransit()
+    assert host.offer(0.004) == 0.004
+    pid = os.fork()
+    if pid == 0:
+        host.offer(0.001)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert host.offer(0.003) == 0.001
+
+
+def test_a_run_on_the_kernel_backend_end_to_end(tmp_path):
+    """`options.shaper: kernel` through the launcher: a tiny tensor-parallel run completes, with the delay
+    stage's counters in its records (the master's link hook feeds the same record as the user-space one)."""
+    if REASON is not None:
+        return
+    doc = {"name": "kernel-e2e",
+           "topology": {"devices": {"count": 2, "template": {"cores": 1, "mem_bytes": "8GiB"}},
+                        "links": {"shape": "star", "latency_ms": 1, "bandwidth_mbps": 100}},
+           "model": {"synth": "tiny"},
+           "workload": {"prompt_lengths": [8], "new_tokens": 3, "repetitions": 1},
+           "options": {"clock": "wall", "shaper": "kernel"}}
+    out = Run(load_run_config(None, doc=doc), results_dir=tmp_path / "results", cache_dir=tmp_path / "cache",
+              progress=False).run()
+    assert out.exit_code == 0, out.summary
+    assert [r.error for r in out.records] == [None]
+    assert out.records[0].links.received > 0
 
 
 # ---------------------------------------------------------------------------------------------------

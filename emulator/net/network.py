@@ -83,7 +83,7 @@ class KernelBackedNetwork:
         topo = self.topology
         if self.net.netem:  # the kernel delays too: the stage must add nothing more
             topo = _rate_only(topo)
-        return DelayStage(topo, rank, addresses, clock=clock, seed=seed)
+        return DelayStage(topo, rank, addresses, clock=clock, seed=seed, host=self.net.host_transit)
 
     def close(self) -> None:
         self.net.close()
