@@ -40,6 +40,9 @@ from tpicore.tools.synth.checkpoint import write_checkpoint
 from tpicore.tools.synth.presets import preset_config
 
 
+STAMP_AGE_S = 2.5  # weights.integrity trusts a verification stamp only for files older than 2 s
+
+
 def model_dir(root: str, synth: str, layers: int) -> str:
     out = os.path.join(root, f"{synth}-{layers}L")
     if not os.path.isfile(os.path.join(out, "config.json")):
@@ -51,8 +54,9 @@ def model_dir(root: str, synth: str, layers: int) -> str:
 def one(model: str, n: int, how: str, prompt: list[int], new: int, at_token: int, timeout_s: float,
         cache: str, on_disk: bool) -> dict:
     os.environ["TPI_CACHE_DIR"] = os.path.join(cache, f"run-{n}-{how}-{time.monotonic_ns()}")  # a fresh cache
-    if on_disk:  # the survivors' split, sharded beforehand into the same cache
+    if on_disk:  # the survivors' split, sharded beforehand into the same cache ("an earlier run left it"):
         cached_shards(model, n - 1, None, quiet=True)
+        time.sleep(STAMP_AGE_S)  # files this fresh are never trusted from a verified stamp (integrity.py)
     opts = GenerateOptions(model=model, devices=n, timeout_s=timeout_s)
     max_seq = len(prompt) + new
     with ParallelSession(opts) as s:
