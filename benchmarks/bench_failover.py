@@ -39,7 +39,6 @@ from tpicore.tools.shard import cached_shards
 from tpicore.tools.synth.checkpoint import write_checkpoint
 from tpicore.tools.synth.presets import preset_config
 
-
 STAMP_AGE_S = 2.5  # weights.integrity trusts a verification stamp only for files older than 2 s
 
 

@@ -68,7 +68,7 @@ def hf_models(tmp_path_factory):
     return get
 
 
-def hf_logits(model, ids) -> "np.ndarray":
+def hf_logits(model, ids) -> "numpy.ndarray":  # noqa: F821 (numpy imported lazily, below)
     import numpy as np
     import torch
 
