@@ -121,7 +121,7 @@ class DeviceGroup:
     def heartbeat_s(self) -> float | None:
         """How often an idle group pings its devices (None: nothing to ping)."""
         s = self.session
-        return s.opts.timeout_s / 4 if isinstance(s, ParallelSession) and s.failover else None
+        return s.opts.timeout_s / 4 if isinstance(s, ParallelSession) else None
 
     def heartbeat(self) -> None:
         """Idle: ping every device (a lost one is recovered now); admit standby devices up to --devices."""
