@@ -158,7 +158,8 @@ class DeviceGroup:
         s = self.session
         if isinstance(s, ParallelSession):
             local = {int(p.name.rsplit("-", 1)[1]): p.pid for p in s.workers.procs}  # member id -> pid
-            out += [RankProcess(r, local.get(s.member_of[r])) for r in range(1, self.devices)]
+            members = s.member_of  # one snapshot: a recovery (engine thread) replaces it whole
+            out += [RankProcess(r, local.get(m)) for r, m in sorted(members.items()) if r > 0]
         return out
 
     def close(self, failed: bool = False) -> None:
