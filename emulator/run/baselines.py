@@ -43,7 +43,7 @@ from emulator.config.run_config import RunConfig
 from emulator.net.network import Network
 from tpicore.comm.frame import Kind
 from tpicore.comm.group import Group
-from tpicore.dist.elastic import ElasticMaster
+from tpicore.dist.elastic import ElasticMaster, keep_shares
 from tpicore.dist.failover import Recovery, SliceSource
 from tpicore.dist.pipeline import PipelineMaster, make_stage, plan_stages, stage_loop
 from tpicore.dist.tensor_parallel import Master, RunOptions
@@ -191,8 +191,7 @@ class TensorParallel:
         stay each survivor's own."""
         if self.cfg.options.ratios == "equal":
             return tuple(check_ratios(None, 1 + len(kept)))
-        mean = sum(ratios) / len(ratios)
-        return (ratios[0],) + tuple(ratios[r] if r >= 0 else mean for r in kept)
+        return keep_shares(kept, ratios)
 
     @property
     def recoveries(self) -> list[Recovery]:

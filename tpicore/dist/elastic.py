@@ -30,6 +30,13 @@ from tpicore.weights.store import TensorStore
 Placement = Callable[[list[int], tuple[float, ...]], tuple[float, ...]]
 
 
+def keep_shares(kept: list[int], ratios: tuple[float, ...]) -> tuple[float, ...]:
+    """Ratios for the master + `kept` (current ranks; -1: a standby device) when shares were given per
+    device: every survivor keeps its own, a standby device gets the mean."""
+    mean = sum(ratios) / len(ratios)
+    return (ratios[0],) + tuple(ratios[r] if r >= 0 else mean for r in kept)
+
+
 def suspects(err: CommError, mesh: bool) -> dict[int, str]:
     """The ranks a failed step names as lost (the regroup's probe finds any other)."""
     if isinstance(err, ControlMessage) and err.message.get("op") == "peer_lost":

@@ -191,14 +191,17 @@ def next_control(ch: Channel, epoch: int | None = None) -> dict:
             return msg
 
 
-def await_regroup(ch: Channel) -> Regroup:
-    """After a mesh peer failed: wait for the master's regroup (it will notice too), or lose the master."""
+def await_regroup(ch: Channel, while_doing: str = "waiting for it to regroup") -> Regroup:
+    """Wait for the master's regroup, answering pings: after a mesh peer failed (it will notice too), or as
+    a spare in the lobby. Losing the master raises MasterLost; its "stop" raises Stopped."""
     try:
         msg = next_control(ch)
     except Regroup as r:
         return r
     except (PeerLost, PeerTimeout) as e:
-        raise MasterLost(f"lost the master while waiting for it to regroup: {e}") from None
+        raise MasterLost(f"lost the master while {while_doing}: {e}") from None
+    if msg.get("op") == "stop":
+        raise Stopped("the master ended the session")
     raise ProtocolError(f"{ch.peer} sent {msg.get('op')!r} while a regroup was due")
 
 
@@ -313,19 +316,6 @@ def receive_files(ch: Channel, out: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def standby(ch: Channel) -> Regroup:
-    """A spare in the lobby: answer pings until the master regroups (then rejoin()), or lose it."""
-    try:
-        msg = next_control(ch)
-    except Regroup as r:
-        return r
-    except (PeerLost, PeerTimeout) as e:
-        raise MasterLost(f"lost the master while standing by: {e}") from None
-    if msg.get("op") == "stop":
-        raise Stopped("the master ended the session")
-    raise ProtocolError(f"{ch.peer} sent {msg.get('op')!r} to a standby device")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tpicore.comm.endpoint import is_loopback, open_listener
 from tpicore.comm.frame import CommError, Kind
 from tpicore.comm.group import Group
 from tpicore.comm.lobby import Lobby
-from tpicore.dist.elastic import ElasticMaster
+from tpicore.dist.elastic import ElasticMaster, keep_shares
 from tpicore.dist.failover import Recovery, SliceSource
 from tpicore.dist.local_workers import LocalWorkers
 from tpicore.dist.tensor_parallel import (
@@ -215,8 +215,7 @@ class ParallelSession:
             return tuple(parse_ratios(None, n))
         if text == "balanced":
             return tuple(balanced_ratios(self.cfg, n, self.store.layout.private_layers))
-        mean = sum(ratios) / len(ratios)
-        return tuple([ratios[0]] + [ratios[r] if r >= 0 else mean for r in kept])
+        return keep_shares(kept, ratios)
 
     def report(self) -> dict:
         """The `tpi generate --json` fields of N devices: per rank and per token time splits."""

@@ -43,7 +43,6 @@ from tpicore.dist.failover import (
     await_regroup,
     next_control,
     rejoin,
-    standby,
 )
 from tpicore.dist.local_workers import report_failure
 from tpicore.dist.split_head import HeadSlice
@@ -193,7 +192,7 @@ def run_worker(rank: int, master_addr: str, shard_dir: str | None, secret: bytes
         while True:
             try:
                 if store is None:
-                    raise standby(group.channel(0))
+                    raise await_regroup(group.channel(0), "standing by")
                 return worker_loop(group, store, env)
             except Regroup as r:
                 master = group.channel(0)
